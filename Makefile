@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# Each creates/updates the project virtual environment .venv with the pinned dependencies first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+OUT    ?= outputs/demo
+
+.PHONY: demo test lint clean-venv
+
+demo: $(VENV)/.runtime-ok
+	$(BIN)/medtranslate demo --out $(OUT)
+
+test: $(VENV)/.dev-ok
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.dev-ok
+	$(BIN)/ruff check .
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime-ok: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.dev-ok: requirements-dev.txt $(VENV)/.runtime-ok
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)
