@@ -1,0 +1,350 @@
+"""MedTranslateLib.io: formats, geometry round trips, real DICOM, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.data import get_testdata_file
+
+from MedTranslateLib import io as mio
+from MedTranslateLib.io import Volume, read_mask, read_volume, resample_like, write_volume
+
+
+def _geometry_error(a: Volume, b: Volume) -> float:
+    return max(float(np.abs(np.subtract(getattr(a, f), getattr(b, f))).max())
+               for f in ("spacing", "origin", "direction"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Volume
+# ---------------------------------------------------------------------------------------------
+def test_volume_converts_and_validates():
+    v = Volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4)[:, :, ::-1], (1, 2, 3))
+    assert v.array.dtype == np.float32 and v.array.flags.c_contiguous
+    assert v.shape == (2, 3, 4)
+    assert v.spacing == (1.0, 2.0, 3.0) and len(v.direction) == 9
+    with pytest.raises(ValueError, match="3-D"):
+        Volume(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="empty"):
+        Volume(np.zeros((0, 4, 4)))
+    with pytest.raises(ValueError, match="non-finite"):
+        Volume(np.full((2, 2, 2), np.inf), source="x.nii")
+    with pytest.raises(ValueError, match="spacing must be positive"):
+        Volume(np.zeros((2, 2, 2)), spacing=(1, 0, 1))
+    with pytest.raises(ValueError, match="direction must be 9"):
+        Volume(np.zeros((2, 2, 2)), direction=(1, 0, 0, 1))
+    with pytest.raises(ValueError, match="myfile"):
+        Volume(np.zeros((2, 2)), source="myfile")
+
+
+def test_volume_helpers(oblique_volume):
+    v = oblique_volume
+    w = v.with_array(v.array * 2)
+    assert w.same_geometry(v) and np.array_equal(w.array, v.array * 2)
+    with pytest.raises(ValueError, match="shape"):
+        v.with_array(np.zeros((1, 2, 3)))
+    c = v.copy()
+    c.array[0, 0, 0] += 5
+    assert c.array[0, 0, 0] != v.array[0, 0, 0]
+    moved = Volume(v.array, v.spacing, (0, 0, 0), v.direction)
+    assert not moved.same_geometry(v)
+    back = Volume.from_sitk(v.to_sitk())
+    assert back.same_geometry(v, atol=0) and np.array_equal(back.array, v.array)
+    # index_to_physical agrees with SimpleITK
+    img = v.to_sitk()
+    assert np.allclose(v.index_to_physical((1, 2, 3)),
+                       img.TransformContinuousIndexToPhysicalPoint((1.0, 2.0, 3.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ext, atol", [(".nrrd", 1e-12), (".nhdr", 1e-12), (".mha", 0.0), (".mhd", 0.0),
+                                       # NIfTI stores geometry as float32
+                                       (".nii", 1e-5), (".nii.gz", 1e-5)])
+def test_file_round_trip_keeps_geometry(tmp_path, oblique_volume, ext, atol):
+    path = write_volume(oblique_volume, tmp_path / "sub" / f"vol{ext}")
+    assert path == tmp_path / "sub" / f"vol{ext}" and path.is_file()
+    back = read_volume(path)
+    assert back.shape == oblique_volume.shape
+    assert np.array_equal(back.array, oblique_volume.array)
+    assert _geometry_error(back, oblique_volume) <= atol
+    assert back.source == str(path)
+    # no temporary leftovers
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_float_values_round_trip_exactly(tmp_path, oblique_volume):
+    v = oblique_volume.with_array(oblique_volume.array / 7.3)
+    for ext in (".nii.gz", ".nrrd", ".mha"):
+        assert np.array_equal(read_volume(write_volume(v, tmp_path / f"f{ext}")).array, v.array)
+
+
+def test_dicom_series_round_trip(tmp_path, oblique_volume):
+    folder = write_volume(oblique_volume, tmp_path / "series")
+    files = sorted(folder.iterdir())
+    assert len(files) == oblique_volume.shape[0] and all(f.suffix == ".dcm" for f in files)
+    back = read_volume(folder)
+    assert back.shape == oblique_volume.shape
+    assert _geometry_error(back, oblique_volume) < 1e-3
+    assert np.array_equal(back.array, oblique_volume.array)  # integer HU: exact
+    # the files are standard int16 CT with rescale, and per-slice positions
+    ds = [pydicom.dcmread(f) for f in files]
+    assert ds[0].Modality == "CT" and ds[0].BitsAllocated == 16 and ds[0].PixelRepresentation == 1
+    assert len({d.SeriesInstanceUID for d in ds}) == 1
+    assert len({d.SOPInstanceUID for d in ds}) == len(ds)
+    positions = sorted((int(d.InstanceNumber), tuple(float(p) for p in d.ImagePositionPatient)) for d in ds)
+    for k, (_, pos) in enumerate(positions):
+        assert np.allclose(pos, oblique_volume.index_to_physical((0, 0, k)), atol=1e-3)
+    hu = ds[0].pixel_array * float(ds[0].RescaleSlope) + float(ds[0].RescaleIntercept)
+    k0 = int(ds[0].InstanceNumber) - 1
+    assert np.array_equal(hu, oblique_volume.array[k0])
+
+
+def test_dicom_float_values_use_rescale(tmp_path, oblique_volume):
+    v = oblique_volume.with_array(oblique_volume.array / 1000.0)  # not integers: needs a slope
+    back = read_volume(write_volume(v, tmp_path / "float_series", modality="MR"))
+    span = float(v.array.max() - v.array.min())
+    assert np.abs(back.array - v.array).max() <= span / 60000
+    assert pydicom.dcmread(next((tmp_path / "float_series").iterdir())).Modality == "MR"
+
+
+def test_dicom_left_handed_volume_reads_back_same_physical_image(tmp_path, oblique_volume):
+    d = np.asarray(oblique_volume.direction).reshape(3, 3).copy()
+    d[:, 2] *= -1
+    v = Volume(oblique_volume.array, oblique_volume.spacing, oblique_volume.origin, d.ravel())
+    back = read_volume(write_volume(v, tmp_path / "lh"))
+    # same voxels at the same physical points
+    same = resample_like(back, v, interpolation="nearest")
+    assert np.array_equal(same.array, v.array)
+
+
+def test_dicom_output_folder_replaced_but_foreign_folder_refused(tmp_path, oblique_volume):
+    folder = write_volume(oblique_volume, tmp_path / "s")
+    write_volume(oblique_volume.with_array(oblique_volume.array + 1), folder)
+    assert read_volume(folder).array[0, 0, 0] == oblique_volume.array[0, 0, 0] + 1
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing"):
+        write_volume(oblique_volume, tmp_path / "home")
+    assert (tmp_path / "home" / "notes.txt").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------------------
+# real DICOM (pydicom's test files)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_real_dicom_file_values_and_spacing(tmp_path, name):
+    src = get_testdata_file(name)
+    digest = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    ds = pydicom.dcmread(src)
+    vol = read_volume(src)
+    expected = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    assert vol.shape == (1, *ds.pixel_array.shape)
+    assert np.array_equal(vol.array[0], expected.astype(np.float32))
+    row, col = (float(s) for s in ds.PixelSpacing)
+    assert vol.spacing[0] == pytest.approx(col) and vol.spacing[1] == pytest.approx(row)
+    assert vol.spacing[2] == pytest.approx(float(ds.get("SpacingBetweenSlices", ds.SliceThickness)))
+    assert np.allclose(vol.origin, [float(p) for p in ds.ImagePositionPatient])
+    # reading never modifies the file
+    assert hashlib.sha256(open(src, "rb").read()).hexdigest() == digest
+    # a copy without extension is recognised by its DICOM preamble
+    plain = tmp_path / "IM0001"
+    shutil.copy(src, plain)
+    assert np.array_equal(read_volume(plain).array, vol.array)
+
+
+def test_ct_small_is_in_hounsfield_units():
+    vol = read_volume(get_testdata_file("CT_small.dcm"))
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    assert float(ds.RescaleIntercept) == -1024  # stored values are shifted: HU needs the intercept
+    assert vol.array.min() < -500  # air / lung in HU
+
+
+def _real_series(tmp_path, n=4):
+    """A series folder made from CT_small.dcm: n slices 5 mm apart, one series."""
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    folder = tmp_path / "ct_series"
+    folder.mkdir()
+    z0 = float(src.ImagePositionPatient[2])
+    for k in range(n):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.ImagePositionPatient = [src.ImagePositionPatient[0], src.ImagePositionPatient[1], z0 + 5.0 * k]
+        ds.InstanceNumber = k + 1
+        ds.SOPInstanceUID = f"{src.SOPInstanceUID}.{k + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.PixelData = (ds.pixel_array + 10 * k).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(folder / f"{(n - k):03d}.dcm")  # file names in reverse order on purpose
+    return folder, src
+
+
+def test_real_dicom_series_folder(tmp_path):
+    folder, src = _real_series(tmp_path)
+    vol = read_volume(folder)
+    assert vol.shape == (4, 128, 128)
+    assert vol.spacing[2] == pytest.approx(5.0)
+    hu0 = src.pixel_array * float(src.RescaleSlope) + float(src.RescaleIntercept)
+    for k in range(4):  # sorted by position, not by file name
+        assert np.array_equal(vol.array[k], (hu0 + 10 * k).astype(np.float32))
+
+
+def test_several_series_reads_largest_with_warning(tmp_path):
+    folder, src = _real_series(tmp_path, n=3)
+    other = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    other.SeriesInstanceUID = src.SeriesInstanceUID + ".9"
+    other.SOPInstanceUID = src.SOPInstanceUID + ".99"
+    other.save_as(folder / "other.dcm")
+    with pytest.warns(UserWarning, match="2 DICOM series"):
+        vol = read_volume(folder)
+    assert vol.shape[0] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: ValueError naming the file
+# ---------------------------------------------------------------------------------------------
+def _write_sitk(path, image):
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def _bad_inputs(tmp_path):
+    z = np.zeros((3, 4, 5), np.float32)
+    nan = z.copy()
+    nan[1, 1, 1] = np.nan
+    inf = z.copy()
+    inf[0, 0, 0] = np.inf
+    ims3 = [sitk.GetImageFromArray(z) for _ in range(2)]
+    (tmp_path / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip" * 20)
+    (tmp_path / "corrupt.nrrd").write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4\n\n")
+    real = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    (tmp_path / "corrupt.dcm").write_bytes(real[: len(real) // 2])  # truncated transfer
+    (tmp_path / "empty_bytes.mha").write_bytes(b"")
+    (tmp_path / "zero_size.nrrd").write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 0 4 4\n"
+                                             "encoding: raw\n\n")
+    (tmp_path / "not_dicom_folder").mkdir()
+    (tmp_path / "not_dicom_folder" / "readme.txt").write_text("hello")
+    return {
+        "missing.nii.gz": "not found",
+        "corrupt.nii.gz": "cannot read",
+        "corrupt.nrrd": "cannot read",
+        "corrupt.dcm": "cannot read",
+        "empty_bytes.mha": "empty",
+        "zero_size.nrrd": "cannot read|empty",
+        "flat2d.nii.gz": (_write_sitk(tmp_path / "flat2d.nii.gz", sitk.GetImageFromArray(z[0])), "2-D")[1],
+        "flat2d.png": (_write_sitk(tmp_path / "flat2d.png", sitk.GetImageFromArray(z[0].astype(np.uint8))),
+                       "unsupported")[1],
+        "time4d.nii.gz": (_write_sitk(tmp_path / "time4d.nii.gz", sitk.JoinSeries(ims3)), "4-D")[1],
+        "rgb.nrrd": (_write_sitk(tmp_path / "rgb.nrrd", sitk.Compose(ims3 + ims3[:1])), "multi-component")[1],
+        "nan.mha": (_write_sitk(tmp_path / "nan.mha", sitk.GetImageFromArray(nan)), "non-finite")[1],
+        "inf.nrrd": (_write_sitk(tmp_path / "inf.nrrd", sitk.GetImageFromArray(inf)), "non-finite")[1],
+        "not_dicom_folder": "no DICOM series",
+    }
+
+
+def test_bad_inputs_raise_value_error_naming_the_file(tmp_path):
+    for name, problem in _bad_inputs(tmp_path).items():
+        path = tmp_path / name
+        before = path.read_bytes() if path.is_file() else None
+        with pytest.raises(ValueError, match=problem) as info:
+            read_volume(path)
+        assert name in str(info.value), (name, str(info.value))
+        if before is not None:
+            assert path.read_bytes() == before, f"reading modified {name}"
+
+
+def test_4d_with_single_volume_is_accepted(tmp_path):
+    img = sitk.JoinSeries([sitk.GetImageFromArray(np.ones((3, 4, 5), np.float32))])
+    assert read_volume(_write_sitk(tmp_path / "one.nii.gz", img)).shape == (3, 4, 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------------
+def test_failed_write_leaves_nothing(tmp_path, oblique_volume, monkeypatch):
+    def boom(image, path, *args, **kwargs):
+        with open(path, "wb") as fh:  # a partial file in the staging area
+            fh.write(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mio.sitk, "WriteImage", boom)
+    target = tmp_path / "out" / "vol.nii.gz"
+    with pytest.raises(ValueError, match="disk full"):
+        write_volume(oblique_volume, target)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_failed_write_keeps_previous_file(tmp_path, oblique_volume, monkeypatch):
+    target = write_volume(oblique_volume, tmp_path / "vol.mha")
+    before = target.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(mio.sitk, "WriteImage", boom)
+    with pytest.raises(ValueError):
+        write_volume(oblique_volume.with_array(oblique_volume.array + 1), target)
+    assert target.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["vol.mha"]
+
+
+def test_failed_dicom_write_leaves_nothing(tmp_path, oblique_volume, monkeypatch):
+    calls = {"n": 0}
+    real = sitk.ImageFileWriter.Execute
+
+    def flaky(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk full")
+        return real(self, *args)
+
+    monkeypatch.setattr(sitk.ImageFileWriter, "Execute", flaky)
+    with pytest.raises(ValueError, match="disk full"):
+        write_volume(oblique_volume, tmp_path / "series")
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_rejects_unknown_extension(tmp_path, oblique_volume):
+    with pytest.raises(ValueError, match="unsupported output extension"):
+        write_volume(oblique_volume, tmp_path / "vol.png")
+    with pytest.raises(TypeError):
+        write_volume(np.zeros((2, 2, 2)), tmp_path / "vol.nrrd")
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------
+def test_read_mask_same_geometry_keeps_labels(tmp_path, oblique_volume):
+    labels = oblique_volume.with_array(np.arange(oblique_volume.array.size).reshape(oblique_volume.shape) % 4)
+    mask = read_mask(write_volume(labels, tmp_path / "labels.nrrd"), like=oblique_volume)
+    assert np.array_equal(mask.array, labels.array) and mask.same_geometry(oblique_volume)
+
+
+def test_read_mask_resamples_nearest_onto_other_grid(tmp_path):
+    # fine grid: 20^3 at 1 mm, a labelled cube at voxels 5..14 (mm 5..14)
+    fine = np.zeros((20, 20, 20), np.float32)
+    fine[5:15, 5:15, 5:15] = 2
+    fine[8:10, 8:10, 8:10] = 3
+    path = write_volume(Volume(fine), tmp_path / "mask.nii.gz")
+    # coarse grid: 2 mm voxels, origin shifted by 1 mm, partly outside the mask's extent
+    like = Volume(np.zeros((12, 12, 12)), spacing=(2, 2, 2), origin=(1, 1, 1))
+    mask = read_mask(path, like=like)
+    assert mask.same_geometry(like)
+    assert set(np.unique(mask.array)) <= {0.0, 2.0, 3.0}
+    # coarse voxel k sits at 1 + 2k mm -> inside the cube for k = 2..6
+    expected = np.zeros((12, 12, 12), np.float32)
+    expected[2:7, 2:7, 2:7] = 2
+    expected[4, 4, 4] = 3  # 9 mm
+    assert np.array_equal(mask.array, expected)
+
+
+def test_read_mask_without_overlap_raises(tmp_path):
+    path = write_volume(Volume(np.ones((4, 4, 4))), tmp_path / "m.nrrd")
+    far = Volume(np.zeros((4, 4, 4)), origin=(500, 0, 0))
+    with pytest.raises(ValueError, match="m.nrrd.*overlap"):
+        read_mask(path, like=far)
