@@ -25,3 +25,13 @@ def oblique_volume():
     array = np.rint(rng.normal(0, 300, (7, 9, 11))).astype(np.float32)
     return Volume(array, spacing=(0.7, 1.3, 2.9), origin=(-12.3, 45.6, 7.8),
                   direction=rotation_direction(), source="oblique")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny tensors: one intra-op thread is faster than two on a 2-core machine and keeps
+    parallel test processes (DDP) from oversubscribing the cores."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

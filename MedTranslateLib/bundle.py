@@ -1,0 +1,388 @@
+"""Model bundles: a folder (or a .zip of one) with ``model.safetensors`` + ``medtranslate.yaml``.
+
+``model.safetensors`` holds the method's inference ``state_dict`` only (no discriminators, no
+optimiser state). ``medtranslate.yaml``::
+
+    format_version: 1
+    library_version: 0.1.0
+    method: pix2pix
+    architecture: {...}          # to_dict(method.config)
+    source: {modality: ct, preset: ct_abdomen}
+    target: {modality: cta_arterial, preset: ct_angio}
+    slice: {size: 128, axis: 0}
+    training: {...}              # free-form: data, cases, steps, command, config
+    metrics: {...}               # free-form evaluation table
+
+Nothing is ever unpickled: weights are read with safetensors, metadata with ``yaml.safe_load``.
+A .zip may hold the two files at its root or inside one top folder; it is read in memory, never
+extracted, and refused outright if any member has an absolute path or a '..' component.
+Every problem raises ``BundleError``: one line that names the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .config import dump_yaml, from_dict, parse_yaml, to_dict
+from .methods import TranslationMethod, available_methods, get_method_class
+
+__all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "META_NAME", "BundleError", "BundleMeta", "ModalitySpec",
+           "SliceSpec", "Bundle", "save_bundle", "load_bundle", "read_bundle_meta", "read_bundle_files",
+           "is_bundle", "meta_summary"]
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+META_NAME = "medtranslate.yaml"
+_MAX_LISTED = 5
+
+
+class BundleError(ValueError):
+    """A bundle cannot be read, saved or used; the message is one line naming the file."""
+
+
+@dataclass
+class ModalitySpec:
+    """A side of the translation: modality name and the intensity preset (a preset name such as
+    ``ct_abdomen`` or a preset config mapping for ``intensity.preset_from_config``)."""
+
+    modality: str = "unknown"
+    preset: str | dict[str, Any] | None = None
+
+
+@dataclass
+class SliceSpec:
+    """Slices the model was trained on: size (int for square, or [H, W]) and the volume axis
+    (0 = z, axial, for (z, y, x) arrays)."""
+
+    size: int | list[int] = 128
+    axis: int = 0
+
+
+@dataclass
+class BundleMeta:
+    """Contents of ``medtranslate.yaml``. ``method`` and ``architecture`` are filled from the
+    method by ``save_bundle``."""
+
+    method: str = ""
+    architecture: dict[str, Any] = field(default_factory=dict)
+    source: ModalitySpec = field(default_factory=ModalitySpec)
+    target: ModalitySpec = field(default_factory=ModalitySpec)
+    slice: SliceSpec = field(default_factory=SliceSpec)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    library_version: str = __version__
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: ``method`` (eval mode, on ``map_location``), its ``meta``, and ``path``."""
+
+    method: TranslationMethod
+    meta: BundleMeta
+    path: Path
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------
+
+def _weights_bytes(method: TranslationMethod) -> bytes:
+    # Copies: safetensors refuses tensors that share storage (tied weights) and non-contiguous ones.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in method.state_dict().items()}
+    return st_save(tensors, metadata={"format": "pt", "medtranslate_method": method.name,
+                                      "medtranslate_format": str(FORMAT_VERSION)})
+
+
+def save_bundle(method: TranslationMethod, meta: BundleMeta | dict | None, path: str | Path) -> Path:
+    """Write ``method`` (inference state only) and ``meta`` as a bundle at ``path``.
+
+    A ``.zip`` suffix writes a zip (files at its root), anything else a folder. The write is
+    atomic: everything goes to a temporary name next to ``path`` and is renamed into place. An
+    existing bundle at ``path`` is replaced; any other existing file or non-empty folder is not
+    touched (BundleError). Returns ``path``.
+    """
+    path = Path(path)
+    if meta is None:
+        meta = BundleMeta()
+    elif isinstance(meta, dict):
+        meta = from_dict(BundleMeta, meta, where=f"bundle metadata for {path}")
+    if meta.method and meta.method != method.name:
+        raise BundleError(f"{path}: metadata says method {meta.method!r} but the model is {method.name!r}")
+    meta = replace(meta, method=method.name, architecture=to_dict(method.config),
+                   format_version=FORMAT_VERSION, library_version=__version__)
+    meta_text = dump_yaml(meta)
+    weights = _weights_bytes(method)
+
+    parent = path.parent if str(path.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        _check_replaceable(path)
+    if path.suffix.lower() == ".zip":
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:
+                zf.writestr(META_NAME, meta_text, compress_type=zipfile.ZIP_DEFLATED)
+                zf.writestr(WEIGHTS_NAME, weights, compress_type=zipfile.ZIP_STORED)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        _write_folder(tmp, meta_text.encode("utf-8"), weights)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_folder(folder: Path, meta_bytes: bytes, weights: bytes) -> None:
+    for name, data in ((WEIGHTS_NAME, weights), (META_NAME, meta_bytes)):
+        with open(folder / name, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _check_replaceable(path: Path) -> None:
+    if path.is_symlink():
+        raise BundleError(f"{path}: exists and is a link; not replacing it")
+    if path.is_dir():
+        if any(path.iterdir()) and not (path / META_NAME).is_file():
+            raise BundleError(f"{path}: exists and is not a MedTranslate bundle; not replacing it")
+    elif path.suffix.lower() != ".zip" or not zipfile.is_zipfile(path):
+        raise BundleError(f"{path}: exists and is not a bundle .zip; not replacing it")
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Rename folder ``new`` to ``path``; an existing ``path`` is moved aside first, then deleted."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    old.rmdir()
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Files:
+    """Where a bundle's two files are: names for messages, and either paths or bytes."""
+
+    meta_name: str
+    weights_name: str
+    meta_bytes: bytes
+    weights_path: Path | None = None
+    weights_bytes: bytes | None = None
+    top_folder: str = ""
+
+
+def _unsafe_member(name: str) -> bool:
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return True
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return ".." in parts
+
+
+def _read_zip(path: Path, *, with_weights: bool) -> _Files:
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise BundleError(f"{path}: not a zip file (a bundle is a folder or a .zip of one)") from None
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with zf:
+        names = zf.namelist()
+        for name in names:
+            if _unsafe_member(name):
+                raise BundleError(f"{path}: unsafe member path {name!r} in zip (absolute or '..'); refusing it")
+        metas = [n for n in names if n == META_NAME
+                 or (n.count("/") == 1 and n.endswith("/" + META_NAME) and not n.startswith("__MACOSX/"))]
+        if not metas:
+            raise BundleError(f"{path}: not a bundle: no {META_NAME} at the zip's root or in one top folder")
+        if len(metas) > 1:
+            raise BundleError(f"{path}: holds several bundles ({', '.join(metas)}); put one bundle per zip")
+        top = metas[0][: -len(META_NAME)]
+        weights_member = top + WEIGHTS_NAME
+        if weights_member not in names:
+            raise BundleError(f"{path}: not a bundle: {weights_member} is missing from the zip")
+        try:
+            meta_bytes = zf.read(metas[0])
+            weights = zf.read(weights_member) if with_weights else None
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise BundleError(f"{path}: damaged zip ({exc})") from None
+    return _Files(meta_name=f"{path}:{metas[0]}", weights_name=f"{path}:{weights_member}",
+                  meta_bytes=meta_bytes, weights_bytes=weights, top_folder=top.rstrip("/"))
+
+
+def _locate(path: str | Path, *, with_weights: bool = True) -> _Files:
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"{path}: no such bundle (expected a folder or .zip with {META_NAME} and {WEIGHTS_NAME})")
+    if path.is_dir():
+        meta_path, weights_path = path / META_NAME, path / WEIGHTS_NAME
+        if not meta_path.is_file():
+            raise BundleError(f"{path}: not a bundle: {META_NAME} is missing")
+        if not weights_path.is_file():
+            raise BundleError(f"{path}: not a bundle: {WEIGHTS_NAME} is missing")
+        try:
+            meta_bytes = meta_path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{meta_path}: cannot read ({exc.strerror or exc})") from None
+        return _Files(meta_name=str(meta_path), weights_name=str(weights_path), meta_bytes=meta_bytes,
+                      weights_path=weights_path)
+    if path.is_file() and (path.name == META_NAME or path.name == WEIGHTS_NAME):
+        return _locate(path.parent, with_weights=with_weights)
+    if path.is_file():
+        return _read_zip(path, with_weights=with_weights)
+    raise BundleError(f"{path}: not a bundle (neither a folder nor a .zip file)")
+
+
+def _parse_meta(files: _Files) -> BundleMeta:
+    where = files.meta_name
+    try:
+        text = files.meta_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(f"{where}: not UTF-8 text") from None
+    try:
+        data = parse_yaml(text, where=where)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    version = data.get("format_version", None)
+    if version is None:
+        raise BundleError(f"{where}: missing format_version (not a MedTranslate bundle?)")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BundleError(f"{where}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise BundleError(f"{where}: made by a newer MedTranslate (format {version} > {FORMAT_VERSION}); "
+                          f"upgrade MedTranslateLib to load it")
+    try:
+        meta = from_dict(BundleMeta, data, where=where)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from None
+    if not meta.method:
+        raise BundleError(f"{where}: missing method")
+    return meta
+
+
+def read_bundle_meta(path: str | Path) -> BundleMeta:
+    """The bundle's metadata, validated, without reading the weights."""
+    return _parse_meta(_locate(path, with_weights=False))
+
+
+def read_bundle_files(path: str | Path) -> tuple[bytes, bytes]:
+    """Raw ``(medtranslate.yaml, model.safetensors)`` bytes of a folder or zip bundle (for copying)."""
+    files = _locate(path, with_weights=True)
+    if files.weights_bytes is None:
+        assert files.weights_path is not None
+        try:
+            files.weights_bytes = files.weights_path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{files.weights_name}: cannot read ({exc.strerror or exc})") from None
+    return files.meta_bytes, files.weights_bytes
+
+
+def is_bundle(path: str | Path) -> bool:
+    """True when ``path`` looks like a bundle (metadata readable; weights not checked)."""
+    try:
+        read_bundle_meta(path)
+    except BundleError:
+        return False
+    return True
+
+
+def _load_tensors(files: _Files) -> dict[str, torch.Tensor]:
+    try:
+        if files.weights_bytes is not None:
+            return st_load(files.weights_bytes)
+        assert files.weights_path is not None
+        return st_load_file(files.weights_path, device="cpu")
+    except (SafetensorError, ValueError, RuntimeError, OSError) as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise BundleError(f"{files.weights_name}: not a valid safetensors file ({detail})") from None
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def _compare(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                  for k in sorted(expected) if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor{'s' * (len(missing) != 1)} ({_listed(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor{'s' * (len(unexpected) != 1)} "
+                        f"({_listed(unexpected)})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch{'es' * (len(mismatched) != 1)} "
+                        f"(file vs model: {_listed(mismatched)})")
+    return problems
+
+
+def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -> Bundle:
+    """Load and check a bundle: the method rebuilt from ``architecture``, its weights loaded
+    strictly, in eval mode, on ``map_location``. Raises BundleError (one line) on any problem."""
+    path = Path(path)
+    files = _locate(path, with_weights=True)
+    meta = _parse_meta(files)
+    try:
+        cls = get_method_class(meta.method)
+    except ValueError:
+        raise BundleError(f"{files.meta_name}: unknown method {meta.method!r} "
+                          f"(this MedTranslate knows: {', '.join(available_methods())}); "
+                          f"upgrade MedTranslateLib or check the bundle") from None
+    try:
+        config = from_dict(cls.Config, meta.architecture, where=files.meta_name, prefix="architecture")
+        method = cls(config)
+    except ValueError as exc:
+        raise BundleError(" ".join(str(exc).split())) from None
+    state = _load_tensors(files)
+    problems = _compare(state, method.state_dict())
+    if problems:
+        raise BundleError(f"{files.weights_name}: weights do not match the {meta.method} architecture in "
+                          f"{META_NAME}: " + "; ".join(problems))
+    try:
+        method.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{files.weights_name}: cannot load weights ({' '.join(str(exc).split())[:200]})") \
+            from None
+    method.eval()
+    method.to(map_location)
+    return Bundle(method=method, meta=meta, path=path)
+
+
+def meta_summary(meta: BundleMeta) -> str:
+    """The metadata as the YAML text a bundle holds (for ``models show`` and the Slicer module)."""
+    return dump_yaml(meta)

@@ -1,0 +1,18 @@
+"""Translation methods: one module per method, named as in the papers' README.
+
+``available_methods()`` lists the registered names; ``build_method(name, config_dict)`` builds one
+from its YAML config; ``get_method_class(name)`` gives the class (``.Config`` is its dataclass).
+"""
+
+from . import pix2pix  # noqa: F401  (importing a method module registers it)
+from .base import (
+    Translation,
+    TranslationMethod,
+    available_methods,
+    build_method,
+    get_method_class,
+    register,
+)
+
+__all__ = ["Translation", "TranslationMethod", "available_methods", "build_method", "get_method_class",
+           "register"]

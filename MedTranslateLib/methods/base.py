@@ -1,0 +1,176 @@
+"""The method interface every translation method implements, and the method registry.
+
+A method is an ``nn.Module`` that holds only what inference needs (what a bundle saves), built from
+a typed config dataclass (``Config``). Training-only modules (discriminators, loss networks) come
+from ``build_training_parts()`` as a separate ``nn.ModuleDict`` that the trainer owns; they never
+appear in ``method.state_dict()``.
+
+Shapes: ``source`` (B, C, H, W) in [-1, 1]; ``Translation.image`` (B, 1, H, W) in [-1, 1];
+masks map a name ("liver", "tumor", "body") to (B, 1, H, W) in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Translation", "TranslationMethod", "register", "available_methods", "get_method_class",
+           "build_method"]
+
+
+@dataclass
+class Translation:
+    """What ``translate`` returns.
+
+    image:       (B, 1, H, W) in [-1, 1] — the synthetic target (for several samples, their mean
+                 or the best one: the method documents which).
+    uncertainty: (B, 1, H, W) or None, in normalised target units; the method's
+                 ``uncertainty_kind`` ("std" or "variance") says which.
+    confidence:  (B,) or None, higher = more trustworthy.
+    samples:     (N, B, 1, H, W) or None, when ``num_samples > 1`` gave several samples.
+    """
+
+    image: Tensor
+    uncertainty: Tensor | None = None
+    confidence: Tensor | None = None
+    samples: Tensor | None = None
+
+
+class TranslationMethod(nn.Module):
+    """Base class. Subclasses set ``name`` and ``Config`` and implement ``translate`` and the
+    training hooks; register them with ``@register("name")``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    paired: ClassVar[bool] = True          # False: trains on unpaired data (cyclegan, dgpg)
+    uses_masks: ClassVar[bool] = False     # True: translate()/training consume liver/tumor masks
+    stochastic: ClassVar[bool] = False     # True: steps / num_samples / generator matter
+    uncertainty_kind: ClassVar[str | None] = None  # "std" | "variance" | None
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__()
+        if config is None:
+            config = self.Config()
+        elif isinstance(config, dict):
+            from ..config import from_dict
+
+            config = from_dict(self.Config, config, where=f"{self.name} config")
+        elif not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # ---- shapes ------------------------------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        """Source channels C of (B, C, H, W)."""
+        return int(getattr(self.config, "in_channels", 1))
+
+    @property
+    def out_channels(self) -> int:
+        return 1
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    # ---- inference ---------------------------------------------------------------------------
+    def translate(self, source: Tensor, *, masks: dict[str, Tensor] | None = None, steps: int | None = None,
+                  num_samples: int = 1, generator: torch.Generator | None = None) -> Translation:
+        raise NotImplementedError
+
+    def check_source(self, source: Tensor) -> None:
+        """One-line ValueError unless ``source`` is a (B, in_channels, H, W) floating tensor."""
+        if not isinstance(source, Tensor) or source.ndim != 4 or source.shape[1] != self.in_channels:
+            shape = tuple(source.shape) if isinstance(source, Tensor) else type(source).__name__
+            raise ValueError(f"{self.name}: expected source of shape (B, {self.in_channels}, H, W), got {shape}")
+        if not source.is_floating_point():
+            raise ValueError(f"{self.name}: expected a floating-point source in [-1, 1], got {source.dtype}")
+
+    # ---- training side (never saved in bundles) ----------------------------------------------
+    def build_training_parts(self) -> nn.ModuleDict:
+        """Discriminators, loss networks, ... (not part of ``self``: bundles never hold them)."""
+        return nn.ModuleDict()
+
+    def optimization_phases(self) -> list[str]:
+        """Names of the optimisation phases run, in this order, on every batch."""
+        return ["main"]
+
+    def phase_parameters(self, phase: str, parts: nn.ModuleDict) -> list[nn.Parameter]:
+        """Parameters the optimiser of ``phase`` updates."""
+        if phase != "main":
+            raise ValueError(f"{self.name}: unknown phase {phase!r}; phases: {self.optimization_phases()}")
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_losses(self, batch: dict, parts: nn.ModuleDict, phase: str) -> dict[str, Tensor]:
+        """Losses of ``phase`` on a collated batch. ``"loss"`` is the scalar to backpropagate;
+        other entries are logged."""
+        raise NotImplementedError
+
+    def validation_output(self, batch: dict) -> Tensor:
+        """(B, 1, H, W) prediction for validation metrics."""
+        masks = None
+        if self.uses_masks:
+            masks = {k: batch[k] for k in ("liver", "tumor", "body") if k in batch}
+        return self.translate(batch["source"], masks=masks).image
+
+    @property
+    def ema_decay(self) -> float | None:
+        """EMA decay of the inference weights, from the config's ``ema_decay`` (None: no EMA)."""
+        return getattr(self.config, "ema_decay", None)
+
+
+# ---- registry ------------------------------------------------------------------------------------
+_REGISTRY: dict[str, type[TranslationMethod]] = {}
+M = TypeVar("M", bound=type[TranslationMethod])
+
+
+def register(name: str) -> Callable[[M], M]:
+    """Class decorator: ``@register("pix2pix") class Pix2Pix(TranslationMethod): ...``"""
+
+    def wrap(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, TranslationMethod)):
+            raise TypeError(f"@register({name!r}) needs a TranslationMethod subclass")
+        if not dataclasses.is_dataclass(cls.__dict__.get("Config", None)):
+            raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing.__qualname__ != cls.__qualname__:
+            raise ValueError(f"method name {name!r} is already registered by {existing.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method_class(name: str) -> type[TranslationMethod]:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods()) or '(none)'}") \
+            from None
+
+
+def build_method(name: str, config: dict | Any | None = None, *, where: str = "config",
+                 prefix: str = "") -> TranslationMethod:
+    """Build method ``name`` from a config mapping (validated with ``config.from_dict``; messages
+    name ``where`` and the dotted key under ``prefix``, e.g. ``prefix="model"``) or a ready
+    ``Config`` instance."""
+    from ..config import from_dict
+
+    cls = get_method_class(name)
+    if not isinstance(config, cls.Config):
+        config = from_dict(cls.Config, config or {}, where=where, prefix=prefix)
+    return cls(config)
