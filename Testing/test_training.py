@@ -38,10 +38,11 @@ def phantom_root(tmp_path_factory) -> Path:
 
 
 def run_script(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Lightning prints non-ASCII symbols: decode as UTF-8 whatever the machine's locale (CI may have none).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
     env.pop("MEDTRANSLATE_DEBUG", None)
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
+                          encoding="utf-8", errors="replace", timeout=timeout, cwd=ROOT)
 
 
 def script_main(path: Path):

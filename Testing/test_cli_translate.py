@@ -1,0 +1,221 @@
+"""``medtranslate translate``: single volumes, folders of cases, sharding, and every bad input
+ending in one error line, a non-zero exit code and no output file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_engine import ct_volume, make_bundle
+
+from MedTranslateLib import cli, io
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundle(tmp_path_factory.mktemp("cli") / "p2p")
+
+
+@pytest.fixture
+def case(tmp_path):
+    """ct, liver, tumor, cta_arterial (reference) of one small oblique case."""
+    folder = tmp_path / "in"
+    vol = ct_volume(shape=(9, 40, 48))
+    liver = np.zeros(vol.shape, np.float32)
+    liver[2:7, 15:30, 10:30] = 1
+    tumor = np.zeros(vol.shape, np.float32)
+    tumor[3:5, 18:24, 15:21] = 1
+    io.write_volume(vol, folder / "ct.nii.gz")
+    io.write_volume(vol.with_array(liver), folder / "liver.nii.gz")
+    io.write_volume(vol.with_array(tumor), folder / "tumor.nii.gz")
+    io.write_volume(vol.with_array(vol.array + 40), folder / "cta_arterial.nii.gz")
+    return folder
+
+
+def run(args, capsys):
+    code = cli.main(["translate", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def files_under(path):
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*")) if path.exists() else []
+
+
+def test_single_volume_with_all_outputs(bundle, case, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["--model", bundle, "--input", case / "ct.nii.gz", "--output", out / "syn.nrrd",
+                             "--liver", case / "liver.nii.gz", "--tumor", case / "tumor.nii.gz",
+                             "--reference", case / "cta_arterial.nii.gz", "--difference", out / "diff.nii.gz",
+                             "--uncertainty", out / "unc.mha", "--num-samples", "2", "--metrics", out / "m.json",
+                             "--device", "cpu", "--batch-size", "4"], capsys)
+    assert code == 0, err
+    assert files_under(out) == ["diff.nii.gz", "m.json", "syn.nrrd", "unc.mha"]
+    src = io.read_volume(case / "ct.nii.gz")
+    for name in ("syn.nrrd", "diff.nii.gz", "unc.mha"):
+        assert io.read_volume(out / name).same_geometry(src, atol=1e-4)
+    doc = json.loads((out / "m.json").read_text())
+    assert set(doc["metrics"]) == {"whole", "body", "liver", "tumor"}
+    assert set(doc["identity"]) == set(doc["metrics"])
+    assert doc["info"]["batch_size"] == 4 and doc["info"]["num_samples"] == 2
+    assert "synthetic:" in stdout and "liver" in stdout
+
+
+def test_same_seed_same_file(bundle, case, tmp_path, capsys):
+    args = ["--model", bundle, "--input", case / "ct.nii.gz", "--device", "cpu", "--seed", "7", "--output"]
+    assert run([*args, tmp_path / "a.nii.gz"], capsys)[0] == 0
+    assert run([*args, tmp_path / "b.nii.gz"], capsys)[0] == 0
+    np.testing.assert_array_equal(io.read_volume(tmp_path / "a.nii.gz").array,
+                                  io.read_volume(tmp_path / "b.nii.gz").array)
+
+
+def test_slices_option(bundle, case, tmp_path, capsys):
+    out = tmp_path / "s.nii.gz"
+    code, _, err = run(["--model", bundle, "--input", case / "ct.nii.gz", "--output", out, "--device", "cpu",
+                        "--slices", "2:5", "--difference", tmp_path / "d.nii.gz"], capsys)
+    assert code == 0, err
+    diff = io.read_volume(tmp_path / "d.nii.gz").array
+    assert (diff[:2] == 0).all() and (diff[5:] == 0).all() and np.abs(diff[2:5]).max() > 0
+    code, _, err = run(["--model", bundle, "--input", case / "ct.nii.gz", "--output", tmp_path / "r.nii.gz",
+                        "--device", "cpu", "--roi", "tumor", "--tumor", case / "tumor.nii.gz"], capsys)
+    assert code == 0, err
+
+
+def make_cases(root, names, *, bad=None):
+    for i, name in enumerate(names):
+        folder = root / name
+        vol = ct_volume(shape=(7 + i, 40, 48))
+        io.write_volume(vol, folder / "ct.nii.gz")
+        io.write_volume(vol.with_array(vol.array + 40), folder / "cta_arterial.nii.gz")
+        liver = np.zeros(vol.shape, np.float32)
+        liver[2:5, 15:30, 10:30] = 1
+        io.write_volume(vol.with_array(liver), folder / "liver.nii.gz")
+    if bad:
+        arr = np.zeros((7, 40, 48), np.float32)
+        arr[3, 3, 3] = np.nan
+        (root / bad).mkdir(parents=True)
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(root / bad / "ct.mha"))  # NIfTI drops NaN
+
+
+def test_folder_of_cases_runs_as_a_batch_and_a_failed_case_leaves_nothing(bundle, tmp_path, capsys):
+    root, out = tmp_path / "cases", tmp_path / "out"
+    make_cases(root, ["a", "c"], bad="b")
+    code, stdout, err = run(["--model", bundle, "--input", root, "--output", out, "--device", "cpu"], capsys)
+    assert code == 2
+    assert files_under(out) == ["a", "a/cta_arterial_synthetic.nii.gz", "a/difference.nii.gz", "a/metrics.json",
+                                "a/reference_difference.nii.gz", "c", "c/cta_arterial_synthetic.nii.gz",
+                                "c/difference.nii.gz", "c/metrics.json", "c/reference_difference.nii.gz"]
+    assert err.count("error:") == 2 and "b:" in err and "non-finite" in err
+    assert "a: " in stdout and "c: " in stdout
+    doc = json.loads((out / "a" / "metrics.json").read_text())
+    assert doc["case"] == "a" and "liver" in doc["metrics"] and "liver" in doc["identity"]
+    a = io.read_volume(out / "c" / "cta_arterial_synthetic.nii.gz")
+    assert a.same_geometry(io.read_volume(root / "c" / "ct.nii.gz"))
+
+
+def test_folder_of_volume_files(bundle, tmp_path, capsys):
+    root, out = tmp_path / "vols", tmp_path / "out"
+    vol = ct_volume()
+    for name in ("p1", "p2"):
+        io.write_volume(vol, root / f"{name}.nrrd")
+    code, _, err = run(["--model", bundle, "--input", root, "--output", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (out / "p1" / "cta_arterial_synthetic.nii.gz").exists() and (out / "p2" / "difference.nii.gz").exists()
+
+
+def test_torchrun_environment_shards_the_cases(bundle, tmp_path, capsys, monkeypatch):
+    root, out = tmp_path / "cases", tmp_path / "out"
+    make_cases(root, ["a", "b", "c"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    code, stdout, err = run(["--model", bundle, "--input", root, "--output", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert [p.name for p in out.iterdir()] == ["b"]
+    assert "1 of 3 case(s) on rank 1/2" in stdout
+
+
+def _write_2d(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 48), np.float32)), str(path))
+
+
+def _write_nan(path):
+    arr = ct_volume().array.copy()
+    arr[2, 3, 4] = np.nan
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+
+
+def _write_far_mask(path):
+    vol = ct_volume(shape=(9, 40, 48))
+    io.write_volume(io.Volume(np.ones(vol.shape), vol.spacing, (9000.0, 0.0, 0.0), vol.direction), path)
+
+
+@pytest.mark.parametrize("problem, expect", [
+    ("missing file", "file not found"),
+    ("2-D image", "2-D"),
+    ("NaN voxels", "non-finite"),
+    ("mask elsewhere", "does not overlap"),
+    ("unknown device", "unknown device"),
+    ("unavailable device", "cuda:7"),
+    ("not a bundle", "not a bundle"),
+    ("broken bundle", "weights do not match"),
+    ("output is input", "also an input"),
+    ("bad output extension", "unsupported output extension"),
+    ("uncertainty undefined", "defines no uncertainty"),
+    ("metrics without reference", "needs --reference"),
+    ("mask option for a folder", "applies to a single input"),
+])
+def test_bad_input_one_line_nonzero_no_output(problem, expect, bundle, case, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    source, model, device = case / "ct.nii.gz", bundle, "cpu"
+    output = out_dir / "syn.nii.gz"
+    extra: list = []
+    if problem == "missing file":
+        source = case / "nope.nii.gz"
+    elif problem == "2-D image":
+        source = tmp_path / "flat.nii.gz"
+        _write_2d(source)
+    elif problem == "NaN voxels":
+        source = tmp_path / "nan.mha"  # ITK's NIfTI I/O does not keep NaN
+        _write_nan(source)
+    elif problem == "mask elsewhere":
+        _write_far_mask(tmp_path / "far.nii.gz")
+        extra = ["--liver", tmp_path / "far.nii.gz"]
+    elif problem == "unknown device":
+        device = "gpu0"
+    elif problem == "unavailable device":
+        device = "cuda:7"
+    elif problem == "not a bundle":
+        model = case
+    elif problem == "broken bundle":
+        model = tmp_path / "broken"
+        model.mkdir()
+        (model / "model.safetensors").write_bytes((bundle / "model.safetensors").read_bytes())
+        text = (bundle / "medtranslate.yaml").read_text().replace("ngf: 4", "ngf: 8")
+        (model / "medtranslate.yaml").write_text(text)
+    elif problem == "output is input":
+        output = source
+    elif problem == "bad output extension":
+        output = out_dir / "syn.png"
+    elif problem == "uncertainty undefined":
+        extra = ["--uncertainty", out_dir / "u.nii.gz"]
+    elif problem == "metrics without reference":
+        extra = ["--metrics", out_dir / "m.json"]
+    elif problem == "mask option for a folder":
+        source = case
+        output = out_dir / "cases"
+        extra = ["--liver", case / "liver.nii.gz"]
+    before = files_under(case)
+    code, stdout, err = run(["--model", model, "--input", source, "--output", output, "--device", device,
+                             *extra], capsys)
+    assert code != 0
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("medtranslate: error:"), err
+    assert expect in lines[0]
+    assert files_under(out_dir) == []
+    assert files_under(case) == before
