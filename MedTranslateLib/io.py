@@ -257,6 +257,51 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     return reader.Execute()
 
 
+# NIfTI float datatypes (nifti1.h): code -> numpy dtype character.
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN voxels into 0, so read the raw float voxels of
+    NIfTI-1/NIfTI-2 files (gzipped or not) and refuse non-finite ones. Integer data is finite."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(540)
+        for endian in "<>":
+            (size,) = struct.unpack(endian + "i", head[:4])
+            if size in (348, 540):
+                break
+        else:
+            return  # not a NIfTI header we know; ITK already accepted the file
+        if size == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            (datatype,) = struct.unpack(endian + "h", head[70:72])
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+        else:
+            (datatype,) = struct.unpack(endian + "h", head[12:14])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            (offset,) = struct.unpack(endian + "q", head[168:176])
+        if datatype not in _NIFTI_FLOAT_TYPES:
+            return
+        dtype = np.dtype(endian + _NIFTI_FLOAT_TYPES[datatype])
+        count = int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]]))
+        f.seek(max(offset, size))
+        n_nan = n_inf = 0
+        chunk = 1 << 22
+        while count > 0:
+            block = np.frombuffer(f.read(min(count, chunk) * dtype.itemsize), dtype=dtype)
+            if block.size == 0:
+                break
+            n_nan += int(np.isnan(block).sum())
+            n_inf += int(np.isinf(block).sum())
+            count -= block.size
+    if n_nan or n_inf:
+        raise ValueError(f"{path}: the image has non-finite voxels ({n_nan} NaN, {n_inf} Inf)")
+
+
 def read_volume(path: str | os.PathLike) -> Volume:
     """Read a 3-D scalar image as a float32 :class:`Volume`.
 
@@ -281,6 +326,8 @@ def read_volume(path: str | os.PathLike) -> Volume:
                 image = _read_dicom_file(path)
             elif ext in FILE_EXTENSIONS:
                 image = sitk.ReadImage(str(path))
+                if ext in (".nii", ".nii.gz"):
+                    _check_nifti_finite(path)
             else:
                 raise ValueError(f"{source}: unsupported file type {ext or '(no extension)'!r}; "
                                  f"expected one of {', '.join(FILE_EXTENSIONS + DICOM_EXTENSIONS)} "

@@ -96,7 +96,7 @@ def make_cases(root, names, *, bad=None):
         arr = np.zeros((7, 40, 48), np.float32)
         arr[3, 3, 3] = np.nan
         (root / bad).mkdir(parents=True)
-        sitk.WriteImage(sitk.GetImageFromArray(arr), str(root / bad / "ct.mha"))  # NIfTI drops NaN
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(root / bad / "ct.mha"))  # (io checks NIfTI NaN itself too)
 
 
 def test_folder_of_cases_runs_as_a_batch_and_a_failed_case_leaves_nothing(bundle, tmp_path, capsys):

@@ -243,6 +243,10 @@ def _bad_inputs(tmp_path):
         "rgb.nrrd": (_write_sitk(tmp_path / "rgb.nrrd", sitk.Compose(ims3 + ims3[:1])), "multi-component")[1],
         "nan.mha": (_write_sitk(tmp_path / "nan.mha", sitk.GetImageFromArray(nan)), "non-finite")[1],
         "inf.nrrd": (_write_sitk(tmp_path / "inf.nrrd", sitk.GetImageFromArray(inf)), "non-finite")[1],
+        # ITK's NIfTI reader turns NaN into 0: io checks the raw voxels itself.
+        "nan.nii.gz": (_write_sitk(tmp_path / "nan.nii.gz", sitk.GetImageFromArray(nan)), "1 NaN")[1],
+        "inf64.nii": (_write_sitk(tmp_path / "inf64.nii", sitk.GetImageFromArray(inf.astype(np.float64))),
+                      "1 Inf")[1],
         "not_dicom_folder": "no DICOM series",
     }
 
