@@ -380,6 +380,99 @@ def test_ui_parameter_names_are_parameter_node_fields(module_source, ui_root):
     assert bound <= fields, f"SlicerParameterName without a parameter node field: {bound - fields}"
 
 
+
+def _parameter_fields(module_source: str) -> dict[str, ast.expr]:
+    """Field name -> annotation of the ``@parameterNodeWrapper`` class."""
+    tree = ast.parse(module_source)
+    (wrapper,) = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef) and any(ast.unparse(d) == "parameterNodeWrapper" for d in node.decorator_list)
+    ]
+    return {stmt.target.id: stmt.annotation for stmt in wrapper.body if isinstance(stmt, ast.AnnAssign)}
+
+
+def _annotation_kind(annotation: ast.expr) -> tuple[str, tuple]:
+    """("nodes", node classes) | ("bool"|"int"|"float"|"str", WithinRange args or ())."""
+    text = ast.unparse(annotation)
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+        base, *extra = annotation.slice.elts
+        ranges = [tuple(ast.literal_eval(a) for a in e.args) for e in extra
+                  if isinstance(e, ast.Call) and ast.unparse(e.func) == "WithinRange"]
+        return ast.unparse(base), ranges[0] if ranges else ()
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Union":
+        return "nodes", tuple(ast.unparse(e) for e in annotation.slice.elts)
+    if isinstance(annotation, ast.BinOp):
+        return "nodes", tuple(part.strip() for part in text.split("|"))
+    if text.startswith("vtkMRML"):
+        return "nodes", (text,)
+    return text, ()
+
+
+# Widget classes Slicer's parameterNodeWrapper connects to each parameter kind (guiConnectors.py).
+_CONNECTABLE = {"nodes": {"qMRMLNodeComboBox"}, "bool": {"QCheckBox", "QPushButton"},
+                "int": {"QSpinBox", "QSlider"}, "float": {"QDoubleSpinBox", "ctkSliderWidget"},
+                "str": {"QLineEdit", "QTextEdit"}}
+
+
+def _bound_widgets(root: ET.Element) -> dict[str, list[ET.Element]]:
+    bound: dict[str, list[ET.Element]] = {}
+    for w in root.iter("widget"):
+        for p in w.findall("property"):
+            if p.get("name") == "SlicerParameterName":
+                bound.setdefault(p.findtext("string"), []).append(w)
+    return bound
+
+
+def test_ui_widget_names_are_unique(ui_root):
+    names = [w.get("name") for w in ui_root.iter("widget")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_ui_bindings_fit_the_parameter_types(module_source, ui_root):
+    """Each bound widget can represent its parameter (else connectGui fails in Slicer), a
+    parameter is bound once, node selectors offer the parameter's node classes, and spin boxes
+    have the parameter's range (their special value text sits at the minimum)."""
+    fields = _parameter_fields(module_source)
+    bound = _bound_widgets(ui_root)
+    assert {"sourceVolume", "referenceVolume", "liverMask", "tumorMask", "steps", "numSamples", "roiOnly",
+            "roiMargin", "seed"} <= set(bound)
+    for name, widgets in bound.items():
+        assert len(widgets) == 1, f"parameter {name} is bound to {len(widgets)} widgets"
+        (widget,) = widgets
+        kind, extra = _annotation_kind(fields[name])
+        cls = widget.get("class")
+        assert cls in _CONNECTABLE.get(kind, set()), f"{widget.get('name')} ({cls}) cannot show {name}: {kind}"
+        if kind == "nodes":
+            types = [s.text for s in widget.findall("property[@name='nodeTypes']/stringlist/string")]
+            assert sorted(types) == sorted(extra), f"{widget.get('name')}: nodeTypes {types} != {extra}"
+        if kind == "int" and extra:
+            lo = int(widget.findtext("property[@name='minimum']/number"))
+            hi = int(widget.findtext("property[@name='maximum']/number"))
+            assert (lo, hi) == extra, f"{widget.get('name')}: range {(lo, hi)} != WithinRange{extra}"
+    # Combo boxes whose items the module fills itself must not be bound (Slicer would need a Choice).
+    assert not any(w.get("class") == "QComboBox" for ws in bound.values() for w in ws)
+
+
+def test_module_uses_only_parameter_node_fields(module_source):
+    fields = set(_parameter_fields(module_source))
+    used = set(re.findall(r"\b(?:_parameterNode|parameterNode|pn)\.([A-Za-z_]\w*)", module_source))
+    missing = sorted(used - fields - {"connectGui", "disconnectGui"})
+    assert not missing, f"MedTranslate.py uses parameter(s) {missing} that the parameter node does not declare"
+
+
+def test_self_test_widget_names_exist(module_source, ui_root):
+    """The self-test's UI_NAMES and the widgets it drives through ``widget.ui`` are in the .ui."""
+    tree = ast.parse(module_source)
+    (test_class,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedTranslateTest"]
+    (names,) = [ast.literal_eval(s.value) for s in test_class.body
+                if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]) == "UI_NAMES"]
+    driven = set(re.findall(r"widget\.ui\.([A-Za-z_]\w*)", module_source))
+    assert driven and driven <= set(names)
+    missing = sorted(set(names) - set(_widget_names(ui_root)))
+    assert not missing, f"MedTranslateTest.UI_NAMES lists {missing}, not in {UI_FILE.relative_to(ROOT)}"
+
+
 # Stand-ins for the Slicer-only modules MedTranslate.py imports; run with ``python -S`` so that only
 # the sys.path entries given here (not the editable install of the library) can provide MedTranslateLib.
 _LOAD_MODULE = r"""
@@ -398,9 +491,11 @@ class Base:
 
 stub("qt", QIcon=lambda path: path)
 stub("vtk", vtkCommand=types.SimpleNamespace(ModifiedEvent=33))
-stub("slicer", vtkMRMLScalarVolumeNode=type("vtkMRMLScalarVolumeNode", (), {}))
+stub("slicer", **{name: type(name, (), {}) for name in (
+    "vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLSegmentationNode")})
 stub("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
-stub("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls)
+stub("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls,
+     WithinRange=lambda minimum, maximum: (minimum, maximum))
 stub("slicer.ScriptedLoadableModule", **{name: type(name, (Base,), {}) for name in (
     "ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
     "ScriptedLoadableModuleWidget")})
