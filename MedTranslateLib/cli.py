@@ -483,8 +483,35 @@ def _cmd_models(args: argparse.Namespace) -> int:
     raise CLIError(f"unknown models command {args.models_command!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Medical image translation.")
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive integer, got {text!r}")
+    return value
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    """A bundle on held-out cases: metrics table (CSV + Markdown) and a figure per case."""
+    from .evaluation import evaluate_bundle
+
+    result = evaluate_bundle(args.bundle, args.data, args.out, split=args.split, steps=args.steps,
+                             batch_size=args.batch_size, device=args.device, seed=args.seed,
+                             max_cases=args.max_cases, figures=not args.no_figures,
+                             log=lambda line: print(line, flush=True))
+    print(result.markdown.read_text(encoding="utf-8").split("## Per case")[0].rstrip())
+    print(f"table:   {result.csv}  {result.markdown}")
+    if result.figures:
+        print(f"figures: {result.figures[0].parent} ({len(result.figures)})")
+    return 0
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Medical image translation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write paired abdominal phantom cases (all modalities + masks)")
@@ -536,6 +563,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-noise", action="store_true", help="same noise for every slice (diffusion methods)")
     p.set_defaults(func=_cmd_translate)
 
+    p = sub.add_parser("evaluate", help="evaluate a bundle on held-out cases: metrics table + figures")
+    p.add_argument("--bundle", required=True, type=Path, help="model bundle (folder or .zip)")
+    p.add_argument("--data", required=True, type=Path, help="folder of case folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="the bundle's own case split (ratios and seed are in the bundle), or all")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion methods)")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="slices per forward pass (auto: from free GPU memory, 8 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (stochastic methods)")
+    p.add_argument("--max-cases", type=int, default=None, help="evaluate at most this many cases")
+    p.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
+    p.set_defaults(func=_cmd_evaluate)
+
     p = sub.add_parser("models", help="list, show and import model bundles (user model folder)")
     msub = p.add_subparsers(dest="models_command", required=True)
     msub.add_parser("list", help="user models ($MEDTRANSLATE_HOME/models) and bundled models")
@@ -549,19 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (CLIError, ValueError, OSError, KeyError, RuntimeError) as exc:
         if os.environ.get("MEDTRANSLATE_DEBUG"):
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -156,3 +156,12 @@ def test_other_errors_are_one_line_exit_2(phantom_root, bundle, tmp_path, capsys
     (single / "case_000").symlink_to(sorted(phantom_root.iterdir())[0])
     assert main(["--bundle", str(bundle), "--data", str(single), "--out", str(tmp_path / "e")]) == 2
     assert "test split" in one_line_error(capsys)
+
+
+def test_medtranslate_evaluate_is_the_same_command(tmp_path, capsys):
+    from MedTranslateLib.cli import main
+
+    rc = main(["evaluate", "--bundle", str(tmp_path / "nope"), "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("medtranslate: error: "), err
+    assert "nope" in err and not (tmp_path / "o").exists()
