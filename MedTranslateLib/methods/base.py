@@ -104,6 +104,13 @@ class TranslationMethod(nn.Module):
         """Names of the optimisation phases run, in this order, on every batch."""
         return ["main"]
 
+    def set_training_progress(self, step: int) -> str | None:
+        """Called by the training loop before every training step with the number of steps
+        (batches) done so far, also right after a resume. Methods whose losses follow a schedule
+        (dgpg's progressive stages) read it here; a returned line goes into the training log.
+        Default: nothing."""
+        return None
+
     def phase_parameters(self, phase: str, parts: nn.ModuleDict) -> list[nn.Parameter]:
         """Parameters the optimiser of ``phase`` updates."""
         if phase != "main":

@@ -3,12 +3,15 @@
 - ``unet.Pix2PixUNet``: the pix2pix U-Net generator (Isola et al. 2017), built from MONAI blocks.
 - ``discriminators.PatchGAN``: the N-layer PatchGAN (70x70 for 3 layers), MONAI's PatchDiscriminator.
 - ``losses.GANLoss``: least-squares / vanilla (BCE-with-logits) / hinge adversarial losses.
+- ``resunet.ResUNet``: the residual U-Net (ResConv / Down / Up / OutConv) of paper 003 / UncerGuidedI2I.
 - ``utils.frozen``: a context manager that stops gradients into a module's parameters.
 """
 
 from .discriminators import PatchGAN, patchgan_receptive_field
 from .losses import GANLoss
+from .resunet import ResConv, ResUNet
 from .unet import Pix2PixUNet
 from .utils import frozen, init_normal
 
-__all__ = ["GANLoss", "PatchGAN", "Pix2PixUNet", "frozen", "init_normal", "patchgan_receptive_field"]
+__all__ = ["GANLoss", "PatchGAN", "Pix2PixUNet", "ResConv", "ResUNet", "frozen", "init_normal",
+           "patchgan_receptive_field"]
