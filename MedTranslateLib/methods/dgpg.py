@@ -59,7 +59,10 @@ variance is h**2 times that (``maps.uncertainty_to_physical``, used by the engin
 needed at inference (``uses_masks`` is True because training reads the liver/tumour masks).
 
 Paper metrics TPSNR / TSSIM are the tumour-region PSNR / SSIM: the ``tumor`` rows of
-``training/evaluate.py`` (``metrics.roi_metrics``).
+``training/evaluate.py`` (``metrics.roi_metrics``, SynthRAD2023 conventions: data range
+-1024..3000 HU, and an SSIM whose outside-mask voxels are filled, so a small tumour scores ~0.999).
+Closer to the paper's 8-bit images: ``value_range`` = the CT window for TPSNR and SSIM over the
+tumour's bounding box for TSSIM (how the demo bundle's ``metrics.held_out.paper_003`` was made).
 """
 
 from __future__ import annotations
