@@ -372,6 +372,7 @@ def _demo_figure(path: Path, translator, case, source, result, reference) -> Pat
     import numpy as np
 
     from . import maps
+    from .intensity import preset_from_config
 
     meta = translator.bundle.meta
     centre = maps.focus_index(case.masks["tumor"], case.masks["liver"], shape=source.shape)
@@ -384,7 +385,9 @@ def _demo_figure(path: Path, translator, case, source, result, reference) -> Pat
                "reference": None if reference is None else reference.array,
                "difference": in_body(result.difference),
                "reference_difference": in_body(result.reference_difference),
-               "uncertainty": in_body(result.uncertainty)}
+               # shown as a standard deviation so its colour bar is in the image's units
+               "uncertainty": None if result.uncertainty is None else np.sqrt(in_body(result.uncertainty))
+               if result.uncertainty_kind == "variance" else in_body(result.uncertainty)}
     rows = []
     for i, view in enumerate(("axial", "coronal", "sagittal")):
         row: dict = {"label": view}
@@ -393,14 +396,17 @@ def _demo_figure(path: Path, translator, case, source, result, reference) -> Pat
                 name, image, aspect = maps.orthogonal_views(arr, centre, source.spacing)[i]
                 row[key], row["aspect"] = image, aspect
         rows.append(row)
+    # The source is drawn in its own window (an MR source in a CT window is saturated).
+    src_lo, src_hi = preset_from_config(result.info["source_preset"]).physical_range \
+        if "source_preset" in result.info else (None, None)
     window = result.info["target_preset"]
-    from .intensity import preset_from_config
-
     lo, hi = preset_from_config(window).physical_range
     units = "HU" if _dicom_modality(translator) == "CT" else "a.u."
     title = (f"{Path(translator.bundle.path).name}: {meta.source.modality} \u2192 {meta.target.modality} "
              f"({meta.method}), phantom seed {case.seed}")
-    return maps.comparison_figure(path, rows, title=title, window=(lo, hi), units=units)
+    return maps.comparison_figure(path, rows, title=title, window=(lo, hi), units=units,
+                                  source_window=None if src_lo is None else (src_lo, src_hi),
+                                  uncertainty_label=f"std ({units})")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -530,7 +536,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--seed", type=int, default=4,
                    help="phantom dataset seed; its case 0 is used (default 4: 3 liver tumors; the demo model "
-                        "was trained on dataset seed 1)")
+                        "was trained on dataset seed 7)")
     p.add_argument("--model", action="append", default=None,
                    help="model name or bundle path (repeatable; default: every bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -123,7 +123,8 @@ def symmetric_limit(values: np.ndarray, percentile: float = 99.0, floor: float =
 
 def comparison_figure(path: str | Path, rows: Sequence[dict[str, Any]], *, title: str = "",
                       window: tuple[float, float] | None = None, units: str = "HU",
-                      dpi: int = 100) -> Path:
+                      source_window: tuple[float, float] | None = None,
+                      uncertainty_label: str | None = None, dpi: int = 100) -> Path:
     """Write a PNG with one row per view.
 
     Each row is a dict of 2-D (H, W) arrays, any of: ``source``, ``synthetic``, ``reference``,
@@ -131,7 +132,8 @@ def comparison_figure(path: str | Path, rows: Sequence[dict[str, Any]], *, title
     reference), ``uncertainty``; a column is drawn when some row has it. Optional ``label`` (row
     title) and ``aspect`` (pixel height / width, for anisotropic spacing). Images share the grey
     ``window`` (lo, hi) (default: the synthetic's 1-99 percentiles); difference heatmaps use a
-    diverging colour map centred at 0 with a colour bar in ``units``. NaN pixels are left blank
+    diverging colour map centred at 0 with a colour bar in ``units``. ``source_window``: the
+    source's own grey window (another modality); ``uncertainty_label``: its colour bar's label. NaN pixels are left blank
     (e.g. heatmaps masked to the body). Returns ``path``."""
     import matplotlib
 
@@ -170,10 +172,11 @@ def comparison_figure(path: str | Path, rows: Sequence[dict[str, Any]], *, title
                 finite = image[np.isfinite(image)]
                 vmax = max(float(np.percentile(finite, 99.5)) if finite.size else 1.0, 1e-6)
                 im = ax.imshow(image, cmap="magma", vmin=0.0, vmax=vmax, aspect=aspect, interpolation="nearest")
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(units, fontsize=8)
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(uncertainty_label or units,
+                                                                              fontsize=8)
             else:
-                ax.imshow(image, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect,
-                          interpolation="nearest")
+                lo, hi = source_window if (col == "source" and source_window) else window
+                ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
