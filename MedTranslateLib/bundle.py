@@ -37,6 +37,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .config import dump_yaml, from_dict, parse_yaml, to_dict
+from .io import replace_dir
 from .methods import TranslationMethod, available_methods, get_method_class
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "META_NAME", "BundleError", "BundleMeta", "ModalitySpec",
@@ -147,7 +148,7 @@ def save_bundle(method: TranslationMethod, meta: BundleMeta | dict | None, path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
     try:
         _write_folder(tmp, meta_text.encode("utf-8"), weights)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,22 +171,6 @@ def _check_replaceable(path: Path) -> None:
             raise BundleError(f"{path}: exists and is not a MedTranslate bundle; not replacing it")
     elif path.suffix.lower() != ".zip" or not zipfile.is_zipfile(path):
         raise BundleError(f"{path}: exists and is not a bundle .zip; not replacing it")
-
-
-def _replace_dir(new: Path, path: Path) -> None:
-    """Rename folder ``new`` to ``path``; an existing ``path`` is moved aside first, then deleted."""
-    if not path.exists():
-        os.replace(new, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    old.rmdir()
-    os.replace(path, old)
-    try:
-        os.replace(new, path)
-    except BaseException:
-        os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

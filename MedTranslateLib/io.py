@@ -501,6 +501,24 @@ def _is_dicom_target(path: Path) -> bool:
                      f"{', '.join(FILE_EXTENSIONS)} or a folder path (no extension) for a DICOM series")
 
 
+def replace_dir(new: Path, path: Path, *, backup: Path | None = None) -> None:
+    """Rename folder ``new`` to ``path``. An existing ``path`` is first moved to ``backup`` (default:
+    a hidden sibling), restored if the rename fails, and deleted after it succeeds."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if backup is None:
+        backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        backup.rmdir()
+    os.replace(path, backup)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(backup, path)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def write_volume(volume: Volume, path: str | os.PathLike, *, modality: str = "CT",
                  compress: bool = True) -> Path:
     """Write ``volume`` and return the written path.
@@ -539,16 +557,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, modality: str = "CT
                 _write_dicom_series(volume, staged, modality)
             except RuntimeError as exc:
                 raise ValueError(f"{path}: cannot write DICOM series: {_sitk_error(exc)}") from exc
-            if path.exists():
-                backup = tmp / "previous"
-                os.replace(path, backup)
-                try:
-                    os.replace(staged, path)
-                except OSError:
-                    os.replace(backup, path)
-                    raise
-            else:
-                os.replace(staged, path)
+            replace_dir(staged, path, backup=tmp / "previous")
         else:
             staged = tmp / path.name
             try:
