@@ -41,6 +41,23 @@ class Translation:
     samples: Tensor | None = None
 
 
+class TransientState:
+    """Per-batch scratch state of a method (e.g. G(source) shared by the phases of one batch).
+    Never copied, pickled or saved: a copy starts empty. Subclasses define ``clear()``."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def __deepcopy__(self, memo: dict) -> TransientState:
+        return type(self)()
+
+    def __reduce__(self):
+        return (type(self), ())
+
+
 class TranslationMethod(nn.Module):
     """Base class. Subclasses set ``name`` and ``Config`` and implement ``translate`` and the
     training hooks; register them with ``@register("name")``."""

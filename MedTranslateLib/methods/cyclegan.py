@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import PatchGAN, ResUNet, frozen
-from .base import Translation, TranslationMethod, register
+from .base import TransientState, Translation, TranslationMethod, register
 
 __all__ = ["CycleGAN", "CycleGANConfig", "CycleGANGeneratorConfig", "CycleGANDiscriminatorConfig",
            "CycleGenerator", "GeneratorOutput", "Adversary"]
@@ -139,23 +139,14 @@ class Adversary(NamedTuple):
     scale: int = 0
 
 
-class _Fakes:
+class _Fakes(TransientState):
     """Detached fakes of the last generator phase, for the discriminator phase of the same batch.
     Never copied, pickled or saved."""
-
-    def __init__(self) -> None:
-        self.clear()
 
     def clear(self) -> None:
         self.source: Tensor | None = None
         self.fake_t: Tensor | None = None
         self.fake_s: Tensor | None = None
-
-    def __deepcopy__(self, memo: dict) -> _Fakes:
-        return _Fakes()
-
-    def __reduce__(self):
-        return (_Fakes, ())
 
 
 @register("cyclegan")

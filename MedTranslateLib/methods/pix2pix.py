@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import GANLoss, PatchGAN, Pix2PixUNet, frozen
-from .base import Translation, TranslationMethod, register
+from .base import TransientState, Translation, TranslationMethod, register
 
 __all__ = ["Pix2Pix", "Pix2PixConfig", "Pix2PixGeneratorConfig", "Pix2PixDiscriminatorConfig"]
 
@@ -100,23 +100,14 @@ class Pix2PixConfig:
             raise ValueError(f"lambda_l1 must be >= 0, got {self.lambda_l1}")
 
 
-class _FakeCache:
+class _FakeCache(TransientState):
     """G(source) shared by the phases of one batch. Never copied, pickled or saved."""
-
-    def __init__(self) -> None:
-        self.clear()
 
     def clear(self) -> None:
         self.source: Tensor | None = None
         self.fake: Tensor | None = None
         self.versions: tuple[int, ...] = ()
         self.used: set[str] = set()
-
-    def __deepcopy__(self, memo: dict) -> _FakeCache:
-        return _FakeCache()
-
-    def __reduce__(self):
-        return (_FakeCache, ())
 
 
 @register("pix2pix")
