@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Speed of the volume engine: slices/s and peak memory per method and slice size.
 
-    python benchmarks/benchmark_engine.py [--methods pix2pix] [--sizes 128 256] [--device cpu]
-        [--slices 16] [--arch default|demo] [--batch-size auto] [--json out.json] [--no-consistency]
+    python benchmarks/benchmark_engine.py [--methods pix2pix bbdm resshift] [--sizes 128 256]
+        [--steps 10 50 200] [--device cpu] [--slices 16] [--arch default|demo|CONFIG.yaml]
+        [--batch-size auto] [--json out.json] [--no-consistency]
 
-For every method and size, in the same process and on the same volume:
+For every method, size and (for diffusion methods) number of sampling steps, in the same process
+and on the same volume:
 
 - engine: ``VolumeTranslator`` (batched, automatic batch size, mixed precision on GPU), timed
   over the batch loop (crop/resize, network, inverse resize and intensity mapping included);
@@ -19,8 +21,11 @@ For every method and size, in the same process and on the same volume:
 With a bundled demo model of a method (Resources/Models), it also reports the inter-slice
 consistency (``maps.consistency_report``: mean |slice k+1 - slice k| in the body, synthetic vs
 reference) on the demo's phantom case. Networks are random-initialised with the method's default
-architecture (``--arch default``) or the demo bundle's (``--arch demo``): speed does not depend on
-the weights. Prints a Markdown table and writes JSON (``--json``).
+architecture (``--arch default``; paper size for the diffusion methods), the demo bundle's
+(``--arch demo``) or the ``model`` section of a training config (``--arch
+training/configs/demo/bbdm.yaml``): speed does not depend on the weights. ``--steps`` lists
+sampling-step counts for the diffusion methods (their default when omitted); ResShift always
+runs its T trained steps. Prints a Markdown table and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from MedTranslateLib import engine, model_store  # noqa: E402
 from MedTranslateLib.bundle import Bundle, BundleMeta, ModalitySpec, SliceSpec, is_bundle, load_bundle  # noqa: E402
 from MedTranslateLib.intensity import preset_from_config  # noqa: E402
 from MedTranslateLib.io import Volume  # noqa: E402
-from MedTranslateLib.methods import available_methods, build_method  # noqa: E402
+from MedTranslateLib.methods import available_methods, build_method, get_method_class  # noqa: E402
 
 SOURCE_PRESET, TARGET_PRESET = "ct_abdomen", "ct_angio"
 
@@ -114,7 +119,14 @@ def body_volume(n: int, size: int, seed: int = 0) -> Volume:
 def make_bundle(name: str, size: int, arch: str) -> Bundle:
     """A random-initialised method (default architecture, or the demo bundle's) as a Bundle."""
     config = None
-    if arch == "demo":
+    if arch.endswith((".yaml", ".yml")):
+        from MedTranslateLib.training import load_train_config
+
+        train_cfg = load_train_config(arch, ["data.root=unused"])
+        if train_cfg.method != name:
+            raise SystemExit(f"--arch {arch}: a {train_cfg.method} config, not {name}")
+        config = train_cfg.model
+    elif arch == "demo":
         demo = demo_bundle_path(name)
         if demo is None:
             raise SystemExit(f"--arch demo: no bundled demo model for {name}")
@@ -176,7 +188,7 @@ def reference_loop(method, vol: Volume, device: torch.device, steps: int | None)
     return time.perf_counter() - t0
 
 
-def run_one(name: str, size: int, args: argparse.Namespace, device: torch.device) -> dict:
+def run_one(name: str, size: int, steps: int | None, args: argparse.Namespace, device: torch.device) -> dict:
     bundle = make_bundle(name, size, args.arch)
     method = bundle.method.to(device)
     vol = body_volume(args.slices, size)
@@ -184,17 +196,17 @@ def run_one(name: str, size: int, args: argparse.Namespace, device: torch.device
     translator = engine.VolumeTranslator(bundle, device=str(device), precision=args.precision, batch_size=batch)
     translator.translate(vol, slice_range=(0, min(2, args.slices)), seed=0)  # warm-up
     with PeakMemory(device) as mem_engine:
-        result = translator.translate(vol, seed=0, steps=args.steps)
+        result = translator.translate(vol, seed=0, steps=steps)
     engine_sps = args.slices / result.info["loop_seconds"]
 
     method.to(memory_format=torch.contiguous_format)
-    reference_loop(method, body_volume(2, size), device, args.steps)  # warm-up
+    reference_loop(method, body_volume(1, size), device, steps)  # warm-up
     with PeakMemory(device) as mem_ref:
-        ref_seconds = reference_loop(method, vol, device, args.steps)
+        ref_seconds = reference_loop(method, vol, device, steps)
     ref_sps = args.slices / ref_seconds
-    flops = flops_per_slice(method, size, device, args.steps)
+    flops = flops_per_slice(method, size, device, steps)
     return {
-        "method": name, "size": size, "slices": args.slices, "device": str(device),
+        "method": name, "size": size, "steps": steps, "slices": args.slices, "device": str(device),
         "precision": result.info["precision"], "batch_size": result.info["batch_size"],
         "params": sum(p.numel() for p in method.parameters()),
         "engine_slices_per_s": engine_sps, "engine_total_seconds": result.info["seconds"],
@@ -233,13 +245,13 @@ def consistency(name: str, device: torch.device, seed: int = 0) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 def markdown(rows: list[dict], peak: float, peak_label: str, consistency_rows: list[dict]) -> str:
     gpu = any(np.isfinite(r["engine_peak_gpu_mib"]) for r in rows)
-    head = ["method", "size", "batch", "precision", "engine slices/s", "reference slices/s", "speed-up",
+    head = ["method", "size", "steps", "batch", "precision", "engine slices/s", "reference slices/s", "speed-up",
             "GFLOP/slice", "engine GFLOP/s", f"% of {peak_label}", "peak RSS MiB (engine / ref)"]
     if gpu:
         head.append("peak GPU MiB (engine / ref)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"], str(r["size"]), str(r["batch_size"]), r["precision"],
+        cells = [r["method"], str(r["size"]), "-" if r["steps"] is None else str(r["steps"]), str(r["batch_size"]), r["precision"],
                  f"{r['engine_slices_per_s']:.2f}", f"{r['reference_slices_per_s']:.2f}", f"{r['speedup']:.2f}x",
                  f"{r['gflop_per_slice']:.3f}", f"{r['engine_gflops']:.1f}",
                  f"{100 * r['engine_gflops'] / peak:.0f} %",
@@ -257,6 +269,15 @@ def markdown(rows: list[dict], peak: float, peak_label: str, consistency_rows: l
     return "\n".join(lines)
 
 
+def runs_of(name: str, args: argparse.Namespace) -> list[tuple[int, int | None]]:
+    """(size, steps) pairs to measure: step counts only for methods that sample (ResShift
+    always runs its T trained steps)."""
+    steps: list[int | None] = [None]
+    if get_method_class(name).stochastic and name != "resshift" and args.steps:
+        steps = list(args.steps)
+    return [(size, s) for size in args.sizes for s in steps]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=["pix2pix"], choices=available_methods())
@@ -265,9 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--batch-size", default="auto")
     parser.add_argument("--slices", type=int, default=16, help="slices per volume")
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion methods)")
-    parser.add_argument("--arch", choices=("default", "demo"), default="default",
-                        help="network size: the method's default config or its demo bundle's")
+    parser.add_argument("--steps", nargs="+", type=int, default=None,
+                        help="sampling-step counts to compare (diffusion methods; default: the method's)")
+    parser.add_argument("--arch", default="default",
+                        help="network size: 'default' (the method's config), 'demo' (its demo bundle's) or a "
+                             "training config YAML whose model section is used")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-consistency", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
@@ -280,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     peak_label = f"{str(peak_dtype).replace('torch.', '')} GEMM"
     rows = []
     for name in args.methods:
-        for size in args.sizes:
-            row = run_one(name, size, args, device)
+        for size, steps in runs_of(name, args):
+            row = run_one(name, size, steps, args, device)
             rows.append(row)
-            print(f"# {name} {size}: engine {row['engine_slices_per_s']:.2f} slices/s, "
+            print(f"# {name} {size} steps {steps}: engine {row['engine_slices_per_s']:.2f} slices/s, "
                   f"reference {row['reference_slices_per_s']:.2f} slices/s", file=sys.stderr)
     cons = []
     if not args.no_consistency:

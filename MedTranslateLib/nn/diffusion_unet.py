@@ -44,14 +44,16 @@ __all__ = ["DenoisingUNet", "DenoisingUNetConfig", "InjectionContext", "UNetFeat
 class DenoisingUNetConfig:
     """U-Net size. Level i has ``model_channels * channel_mult[i]`` channels and runs at 1/2**i of
     the input size (inputs must be multiples of 2**(levels-1)). ``attention_levels``: level indices
-    with self-attention (the middle block always has it). The BBDM paper-size network is
-    model_channels 128, channel_mult (1, 4, 8), 2 res blocks, attention at every level, 64-channel
-    heads, scale-shift norm, residual up/downsampling."""
+    with self-attention (the middle block always has it). The defaults are BBDM's paper-size
+    network (official LBBDM configs): model_channels 128, channel_mult (1, 4, 8), 2 res blocks,
+    64-channel heads, scale-shift norm, residual up/downsampling, and attention only in the middle
+    block: the official ``attention_resolutions: (32, 16, 8)`` are matched against the downsampling
+    rate ds (1, 2, 4 for three levels) in ``openaimodel.py``, so no level gets attention."""
 
     model_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 4, 8)
     num_res_blocks: int = 2
-    attention_levels: tuple[int, ...] = (0, 1, 2)
+    attention_levels: tuple[int, ...] = ()
     num_head_channels: int = 64
     norm_groups: int = 32
     dropout: float = 0.0
