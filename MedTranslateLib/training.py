@@ -634,6 +634,17 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _preparation_batches(ds: Dataset, batch_size: int) -> Iterator[dict]:
+    """Collated batches over the training set in a fixed shuffled order (its own seeded RNG, not
+    the global one), made lazily: ``prepare_training`` takes as many as it needs."""
+    from torch.utils.data import default_collate
+
+    n = len(ds)
+    order = np.random.default_rng(0).permutation(n).tolist()
+    for k in range(0, n, batch_size):
+        yield default_collate([ds[i] for i in order[k:k + batch_size]])
+
+
 def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -> Path:
     """Train ``cfg`` and write the bundle ``out_dir/bundle`` (on rank 0); returns its path.
 
@@ -660,6 +671,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -
     splits = case_splits(cfg.data, paired)
     datasets = build_datasets(cfg.data, paired, splits, ("train", "val") if tr.val_every else ("train",))
     method = build_method(cfg.method, cfg.model)
+    with torch.random.fork_rng(devices=[]):  # preparation never moves the training RNG
+        note = method.prepare_training(_preparation_batches(datasets["train"], cfg.data.batch_size))
+    if note and _env_rank() == 0:
+        print(f"{cfg.method}: {note}", file=sys.stderr)
     module = TranslationModule(method, method.build_training_parts(), cfg)
 
     if _env_rank() == 0:

@@ -12,7 +12,7 @@ masks map a name ("liver", "tumor", "body") to (B, 1, H, W) in {0, 1}.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -126,6 +126,14 @@ class TranslationMethod(nn.Module):
         (batches) done so far, also right after a resume. Methods whose losses follow a schedule
         (dgpg's progressive stages) read it here; a returned line goes into the training log.
         Default: nothing."""
+        return None
+
+    def prepare_training(self, batches: Iterable[dict]) -> str | None:
+        """Called once by the training loop before the optimisers and the EMA copy are built (also
+        on a resume, before the checkpoint's weights are restored), with an iterator over the
+        first training batches (collated, in order, no augmentation). Methods that start from
+        pretrained parts (a latent method's autoencoder) load them here. A returned line goes into
+        the training log. Default: nothing."""
         return None
 
     def phase_parameters(self, phase: str, parts: nn.ModuleDict) -> list[nn.Parameter]:
