@@ -507,7 +507,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_bundle(args.bundle, args.data, args.out, split=args.split, steps=args.steps,
                              batch_size=args.batch_size, device=args.device, seed=args.seed,
-                             max_cases=args.max_cases, figures=not args.no_figures,
+                             num_samples=args.num_samples, max_cases=args.max_cases, figures=not args.no_figures,
                              log=lambda line: print(line, flush=True))
     print(result.markdown.read_text(encoding="utf-8").split("## Per case")[0].rstrip())
     print(f"table:   {result.csv}  {result.markdown}")
@@ -580,6 +580,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="slices per forward pass (auto: from free GPU memory, 8 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (stochastic methods)")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="samples per slice, averaged (stochastic methods)")
     p.add_argument("--max-cases", type=int, default=None, help="evaluate at most this many cases")
     p.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
     p.set_defaults(func=_cmd_evaluate)

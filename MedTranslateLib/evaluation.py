@@ -72,11 +72,11 @@ def load_case(case: Path, source: str, target: str) -> CaseVolumes:
 
 
 def evaluate_case(translator: VolumeTranslator, case: CaseVolumes, *, steps: int | None = None,
-                  seed: int = 0) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Translate one case; returns (synthetic (z, y, x) in physical units, table rows
+                  seed: int = 0, num_samples: int = 1) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Translate one case (stochastic methods: the mean of ``num_samples`` samples); returns (synthetic (z, y, x) in physical units, table rows
     {case, method, region, mae, psnr, ssim, rmse} for "model" and "identity")."""
     result = translator.translate(case.source, masks=case.masks, reference=case.reference, steps=steps,
-                                  seed=seed)
+                                  seed=seed, num_samples=num_samples)
     rows = []
     for name, table in (("model", result.metrics), ("identity", result.baseline_metrics)):
         for region, values in (table or {}).items():
@@ -228,7 +228,8 @@ def _split_cases(root: Path, split: str, source: str, target: str, training: Map
 
 def evaluate_bundle(bundle_path: str | os.PathLike, data_root: str | os.PathLike, out_dir: str | os.PathLike, *,
                     split: str = "test", steps: int | None = None, batch_size: int | str = "auto",
-                    device: str = "auto", seed: int = 0, max_cases: int | None = None, figures: bool = True,
+                    device: str = "auto", seed: int = 0, num_samples: int = 1, max_cases: int | None = None,
+                    figures: bool = True,
                     log: Callable[[str], None] | None = None) -> EvaluationResult:
     """Evaluate a bundle on ``split`` ("train", "val", "test" as the bundle's training split them
     with its split ratios and seed, or "all") of the cases under ``data_root``; writes
@@ -250,7 +251,7 @@ def evaluate_bundle(bundle_path: str | os.PathLike, data_root: str | os.PathLike
     pictures: list[Path] = []
     for case_path in cases:
         case = load_case(case_path, meta.source.modality, meta.target.modality)
-        synthetic, case_rows = evaluate_case(translator, case, steps=steps, seed=seed)
+        synthetic, case_rows = evaluate_case(translator, case, steps=steps, seed=seed, num_samples=num_samples)
         rows.extend(case_rows)
         if figures:
             # display windows only (metrics never see the reference's statistics)
@@ -263,5 +264,7 @@ def evaluate_bundle(bundle_path: str | os.PathLike, data_root: str | os.PathLike
             body = [r for r in case_rows if r["region"] == "body"]
             log(f"{case.name}: " + "; ".join(f"{r['method']} body MAE {r['mae']:.2f} {units}" for r in body))
     title = f"{meta.method}: {meta.source.modality} → {meta.target.modality}, {len(cases)} case(s) of the {split} split"
+    if translator.method.stochastic:
+        title += f", {steps or 'default'} steps, mean of {num_samples} sample(s), seed {seed}"
     csv_path, md_path = write_table(rows, out, title=title, units=units)
     return EvaluationResult(rows, summarise(rows), csv_path, md_path, pictures)
