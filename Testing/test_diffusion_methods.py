@@ -192,3 +192,77 @@ def test_smoke_config_trains_and_the_engine_samples_it(name, phantom_root, tmp_p
     assert res.synthetic.same_geometry(vol, atol=0) and res.uncertainty is not None
     assert np.array_equal(res.synthetic.array, again.synthetic.array)
     assert np.isfinite(res.synthetic.array).all()
+
+
+# ---- latent space -----------------------------------------------------------------------------
+
+AE = {"factor": 4, "channels": [4, 8], "num_res_layers": 1, "latent_channels": 2, "num_embeddings": 16,
+      "discriminator": {"ndf": 4, "n_layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def ae_bundle(tmp_path_factory) -> Path:
+    """A (random-weight) autoencoder bundle, as training/train.py writes one."""
+    from MedTranslateLib.bundle import save_bundle
+
+    torch.manual_seed(3)
+    ae = build_method("autoencoder", AE)
+    with torch.no_grad():
+        for p in ae.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return save_bundle(ae.eval(), {"method": "autoencoder"}, tmp_path_factory.mktemp("ae") / "bundle")
+
+
+@pytest.mark.parametrize("name", ["bbdm", "resshift"])
+@pytest.mark.parametrize("condition", ["source", "latent"])
+def test_latent_method_runs_in_the_frozen_autoencoder_latent(name, condition, ae_bundle, tmp_path):
+    from MedTranslateLib.bundle import load_bundle, save_bundle
+
+    m = build_method(name, {"unet": UNET, "condition": condition,
+                            "latent": {"autoencoder_bundle": str(ae_bundle), "normalize": True, "stats_batches": 2}})
+    assert m.config.latent.autoencoder["channels"] == [4, 8]  # architecture read from the bundle's YAML
+    source, target = pair(4, 32)
+    batches = [{"source": source[:2], "target": target[:2]}, {"source": source[2:], "target": target[2:]},
+               {"source": source * 0, "target": target * 0}]  # the third is past stats_batches
+    note = m.prepare_training(iter(batches))
+    assert "autoencoder weights from" in note
+    ae = load_bundle(ae_bundle).method
+    assert all(torch.equal(a, b) for a, b in zip(m.autoencoder.state_dict().values(), ae.state_dict().values(),
+                                                 strict=True))
+    z_t = ae.encode(target)
+    assert torch.allclose(m.target_mean.flatten(), z_t.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(m.to_space(target, "target").std(dim=(0, 2, 3)), torch.ones(2), atol=0.05)
+    # the autoencoder is frozen: no optimiser sees it, train() keeps it in eval mode
+    params = {id(p) for p in m.phase_parameters("main", nn.ModuleDict())}
+    assert params and not params & {id(p) for p in m.autoencoder.parameters()}
+    m.train()
+    assert not m.autoencoder.training and m.unet.training
+    loss = m.training_losses({"source": source, "target": target}, nn.ModuleDict(), "main")["loss"]
+    loss.backward()
+    assert all(p.grad is None for p in m.autoencoder.parameters())
+    # sampling: latent (B, 2, 8, 8) -> decoded (B, 1, 32, 32); the U-Net input is x_t + condition
+    m.eval()
+    real_unet = m.unet
+    m.unet = oracle = Oracle(m.unet, lambda x, t: torch.zeros_like(x[:, :2]))
+    out = m.translate(source, steps=4 if name == "bbdm" else None, generator=torch.Generator().manual_seed(0))
+    assert out.image.shape == (4, 1, 32, 32)
+    x_in = oracle.calls[0][0]
+    assert x_in.shape == (4, 4 if condition == "latent" else 3, 8, 8)
+    # a saved bundle is self-contained: autoencoder weights and latent statistics inside
+    m.unet = real_unet
+    path = save_bundle(m, {"method": name}, tmp_path / "b")
+    again = load_bundle(path).method
+    assert again.config.latent.autoencoder == m.config.latent.autoencoder
+    for k in ("target_mean", "target_std", "source_mean", "source_std"):
+        assert torch.equal(getattr(again, k), getattr(m, k))
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    kw = {"steps": 4} if name == "bbdm" else {}
+    assert torch.equal(again.translate(source, generator=g(), **kw).image, m.translate(source, generator=g(), **kw).image)
+
+
+def test_latent_config_errors_are_one_line(tmp_path):
+    with pytest.raises(ValueError, match="latent.autoencoder_bundle"):
+        build_method("bbdm", {"unet": UNET, "latent": {}})
+    with pytest.raises(ValueError, match="not a bundle|not found|no such") as err:
+        build_method("bbdm", {"unet": UNET, "latent": {"autoencoder_bundle": str(tmp_path / "missing")}})
+    assert "\n" not in str(err.value)
