@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import BrownianBridgeScheduler
-from ..nn.diffusion_unet import DenoisingUNet, DenoisingUNetConfig
+from ..nn.diffusion_unet import DenoisingUNetConfig
 from .base import register
 from .diffusion_common import ConditionKind, DiffusionMethod, LatentConfig, NoiseFn
 
@@ -76,10 +76,8 @@ class BBDM(DiffusionMethod):
     config: BBDMConfig
 
     def __init__(self, config: BBDMConfig | dict | None = None) -> None:
-        super().__init__(config)
-        self._build_space()
+        super().__init__(config)  # space (pixel / latent) and U-Net
         cfg = self.config
-        self.unet = DenoisingUNet(self.unet_in_channels(), self.space_channels, cfg.unet)
         clip = cfg.clip_denoised if cfg.clip_denoised is not None else cfg.latent is None
         b = cfg.bridge
         self.scheduler = BrownianBridgeScheduler(b.num_train_timesteps, b.mt_type, b.max_var, b.eta, b.objective,

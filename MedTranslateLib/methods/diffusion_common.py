@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn.diffusion_unet import DenoisingUNet
 from .base import Translation, TranslationMethod
 
 __all__ = ["ConditionKind", "DiffusionMethod", "LatentConfig", "NoiseFn"]
@@ -76,12 +77,18 @@ def _autoencoder_architecture(latent: LatentConfig) -> dict[str, Any]:
 class DiffusionMethod(TranslationMethod):
     """Base of the diffusion methods: space (pixel/latent), conditioning, noise, samples.
 
-    Subclasses build ``self.unet`` (input channels from :meth:`unet_in_channels`) and implement
-    ``diffusion_loss(x0, y, cond)`` and ``sample(y, cond, steps, noise)`` in the diffused space."""
+    Builds the space and ``self.unet`` (config fields ``latent``, ``condition``, ``unet``);
+    subclasses add their scheduler and implement ``diffusion_loss(x0, y, cond)`` and
+    ``sample(y, cond, steps, noise)`` in the diffused space."""
 
     paired = True
     stochastic = True
     uncertainty_kind = "std"
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__(config)
+        self._build_space()
+        self.unet = DenoisingUNet(self.unet_in_channels(), self.space_channels, self.config.unet)
 
     def _build_space(self) -> None:
         cfg = self.config

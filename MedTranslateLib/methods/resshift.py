@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion import ResShiftScheduler
-from ..nn.diffusion_unet import DenoisingUNet, DenoisingUNetConfig
+from ..nn.diffusion_unet import DenoisingUNetConfig
 from .base import register
 from .diffusion_common import ConditionKind, DiffusionMethod, LatentConfig, NoiseFn
 
@@ -69,10 +69,8 @@ class ResShift(DiffusionMethod):
     config: ResShiftConfig
 
     def __init__(self, config: ResShiftConfig | dict | None = None) -> None:
-        super().__init__(config)
-        self._build_space()
+        super().__init__(config)  # space (pixel / latent) and U-Net
         cfg, p = self.config, self.config.process
-        self.unet = DenoisingUNet(self.unet_in_channels(), self.space_channels, cfg.unet)
         clip = cfg.clip_denoised if cfg.clip_denoised is not None else cfg.latent is None
         self.scheduler = ResShiftScheduler(p.num_train_timesteps, p.kappa, p.min_noise_level, p.etas_end, p.power,
                                            eta_schedule_convention=p.eta_schedule_convention,
