@@ -665,6 +665,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     # Mid-epoch resume is exact here (StepSampler restarts at the restored step).
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
+    # frozen pretrained parts (a latent method's autoencoder) stay in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     pl.seed_everything(tr.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")

@@ -266,3 +266,33 @@ def test_latent_config_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="not a bundle|not found|no such") as err:
         build_method("bbdm", {"unet": UNET, "latent": {"autoencoder_bundle": str(tmp_path / "missing")}})
     assert "\n" not in str(err.value)
+
+
+def test_latent_training_run_loads_the_autoencoder_and_writes_a_self_contained_bundle(ae_bundle, phantom_root,
+                                                                                       tmp_path):
+    """train.py's loop calls prepare_training: the run starts from the autoencoder bundle's
+    weights, computes latent statistics from training batches, and the written bundle carries
+    both (it loads with the autoencoder bundle gone)."""
+    import shutil
+
+    from MedTranslateLib.bundle import load_bundle
+    from MedTranslateLib.training import fit, load_train_config
+
+    ae_copy = tmp_path / "ae"
+    shutil.copytree(ae_bundle, ae_copy)
+    cfg = load_train_config(ROOT / "training" / "configs" / "demo" / "bbdm_latent.yaml", [
+        f"data.root={phantom_root}", f"train.out_dir={tmp_path / 'run'}", "data.size=32", "data.batch_size=4",
+        "train.max_steps=3", "train.val_every=0", "train.log_every=1", "train.progress_bar=false",
+        "train.ema_decay=null", f"model.latent.autoencoder_bundle={ae_copy}", "model.latent.stats_batches=2",
+        f"model.unet={UNET}".replace("'", "")])
+    path = fit(cfg)
+    shutil.rmtree(ae_copy)
+    bundle = load_bundle(path)
+    m = bundle.method
+    assert m.config.latent.autoencoder["channels"] == [4, 8] and m.config.latent.normalize
+    ae = load_bundle(ae_bundle).method
+    assert torch.equal(m.autoencoder.state_dict()["vqvae.encoder.blocks.0.conv.weight"],
+                       ae.state_dict()["vqvae.encoder.blocks.0.conv.weight"])
+    assert not torch.equal(m.target_std, torch.ones_like(m.target_std))  # statistics were computed
+    out = m.translate(torch.zeros(2, 1, 32, 32), steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.image.shape == (2, 1, 32, 32) and torch.isfinite(out.image).all()
