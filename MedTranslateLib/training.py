@@ -429,10 +429,8 @@ class TranslationModule(pl.LightningModule):
         if not isinstance(optimizers, list):
             optimizers = [optimizers]
         note = self.method.set_training_progress(self.step)  # schedules (dgpg stages) follow the step
-        if note:
-            from lightning.pytorch.utilities import rank_zero_info
-
-            rank_zero_info(note)
+        if note and self.trainer.is_global_zero:
+            print(note, file=sys.stderr, flush=True)  # the current stderr (Lightning's log handler may hold an old one)
         logs: dict[str, Tensor] = {}
         for phase, opt in zip(self.phases, optimizers, strict=True):
             losses = self.method.training_losses(batch, self.parts, phase)
