@@ -104,3 +104,13 @@ def test_encoder_injection_reaches_the_skip_and_gradients_flow():
     x = torch.randn(2, 2, 16, 16)
     net(x, torch.tensor([1, 2])).square().mean().backward()
     assert net.injections["enc0"].gain.grad is not None and net.injections["enc0"].gain.grad.abs() > 0
+
+
+def test_default_is_the_official_lbbdm_size():
+    """The default config is the official LBBDM U-Net (concat conditioning: 3 + 3 -> 3 channels
+    in BBDM's f4 setting); its authors quote 237M+ parameters (xuekt98/BBDM issue #27)."""
+    with torch.device("meta"):
+        net = DenoisingUNet(6, 3)
+    n = sum(p.numel() for p in net.parameters())
+    assert 237.0e6 < n < 237.2e6
+    assert not net.down_stages[0].attns or all(isinstance(a, nn.Identity) for s in net.down_stages for a in s.attns)
