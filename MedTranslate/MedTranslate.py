@@ -294,7 +294,9 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._updating = True
         try:
-            for role in ("liver", "tumor"):
+            from MedTranslateLib.regions import DEFAULT_ROIS
+
+            for role in DEFAULT_ROIS:  # the panel's two ROI selectors (<role>Mask, <role>Region)
                 self._fillRegionComboBox(role)
             self._fillModelComboBox()
             self._fillDeviceComboBox()
@@ -516,8 +518,7 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         added = len(nodes.nodes())
         lines = [_("Added '{name}' and {count} more node(s) in {seconds:.1f} s on {device}.").format(
             name=nodes.synthetic.GetName(), count=added - 1, seconds=seconds, device=nodes.info.get("device", "?"))]
-        summary = mrml.metrics_summary(nodes.metrics, "HU" if mrml.modality_family(
-            nodes.synthetic.GetAttribute("MedTranslate.Target")) == "ct" else "")
+        summary = mrml.metrics_summary(nodes.metrics, nodes.units)
         if summary:
             lines.append(summary)
         lines.append(_("Synthetic images are not for diagnosis."))
@@ -560,7 +561,9 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pn = self._parameterNode
         pn.sourceVolume, pn.referenceVolume = sample.source, sample.reference
         pn.liverMask = pn.tumorMask = sample.segmentation
-        pn.liverRegion, pn.tumorRegion = "liver", "tumor"
+        from MedTranslateLib.regions import DEFAULT_ROIS
+
+        pn.liverRegion, pn.tumorRegion = DEFAULT_ROIS  # the phantom's segments
         slicer.util.setSliceViewerLayers(background=sample.source, fit=True)
 
     def onAddModelButton(self) -> None:
@@ -737,14 +740,22 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
     @property
     def translators(self):
         if self._translators is None:
-            self._translators = _mrml().TranslatorCache()
+            from MedTranslateLib import app
+
+            self._translators = app.ModelCache()
         return self._translators
 
     @staticmethod
     def options(model, device="auto", steps=None, numSamples=1, seed=None, roiOnly=False, roiMargin=4):
-        return _mrml().TranslationOptions(model=model, device=device or "auto", steps=steps or None,
-                                          num_samples=int(numSamples), seed=None if seed is None or seed < 0 else int(seed),
-                                          roi_only=bool(roiOnly), roi_margin=int(roiMargin))
+        from MedTranslateLib import app
+
+        return app.TranslationOptions(model=model, device=device or "auto", steps=steps or None,
+                                      num_samples=int(numSamples), seed=None if seed is None or seed < 0 else int(seed),
+                                      slices=app.ALL_ROIS if roiOnly else None, extent_margin=int(roiMargin))
+
+    def modelChoice(self, model, sourceVolume=None):
+        """The ``app.ModelChoice`` named ``model`` (its ROI names, capabilities), or None."""
+        return next((c for c in self.modelChoices(sourceVolume) if c.name == model), None)
 
     def createRun(self, parameterNode):
         """A ``mrml.TranslationRun`` for the parameter node's inputs (reads the nodes now)."""
@@ -757,7 +768,7 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
         options = self.options(pn.model, pn.device, pn.steps, pn.numSamples, pn.seed, pn.roiOnly, pn.roiMargin)
         return _mrml().TranslationRun(slicer.mrmlScene, pn.sourceVolume, options, liver=maskChoice("liver"),
                                       tumor=maskChoice("tumor"), reference_node=pn.referenceVolume,
-                                      translators=self.translators)
+                                      translators=self.translators, model=self.modelChoice(pn.model))
 
     def process(self, sourceVolume, model=DEMO_MODEL, *, referenceVolume=None, liverMask=None, liverRegion=None,
                 tumorMask=None, tumorRegion=None, device="auto", steps=None, numSamples=1, seed=None, roiOnly=False,
@@ -780,7 +791,7 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
         run = mrml.TranslationRun(
             slicer.mrmlScene, sourceVolume, self.options(model, device, steps, numSamples, seed, roiOnly, roiMargin),
             liver=maskChoice(liverMask, liverRegion, "liver"), tumor=maskChoice(tumorMask, tumorRegion, "tumor"),
-            reference_node=referenceVolume, translators=self.translators)
+            reference_node=referenceVolume, translators=self.translators, model=self.modelChoice(model))
         nodes = run.finish(run.work(progress, cancel))
         if showResults:
             self.showResults(nodes, sourceVolume, referenceVolume)

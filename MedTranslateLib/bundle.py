@@ -9,7 +9,8 @@ optimiser state). ``medtranslate.yaml``::
     architecture: {...}          # to_dict(method.config)
     source: {modality: ct, preset: ct_abdomen}
     target: {modality: cta_arterial, preset: ct_angio}
-    slice: {size: 128, axis: 0}
+    slice: {size: 128, axis: 0, margin: 0.05, roi: null, roi_margin: 4, min_foreground: 0.0}
+    rois: [liver, tumor]         # ROI mask names the model was trained with
     training: {...}              # free-form: data, cases, steps, command, config
     metrics: {...}               # free-form evaluation table
 
@@ -37,12 +38,15 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .config import dump_yaml, from_dict, parse_yaml, to_dict
+from .data import SliceSpec
+from .intensity import IntensityPreset, preset_from_config
 from .io import replace_dir
-from .methods import TranslationMethod, available_methods, get_method_class
+from .methods import Capabilities, TranslationMethod, available_methods, get_method_class
+from .regions import roi_names_from_training
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "META_NAME", "BundleError", "BundleMeta", "ModalitySpec",
            "SliceSpec", "Bundle", "save_bundle", "load_bundle", "read_bundle_meta", "read_bundle_files",
-           "is_bundle", "meta_summary"]
+           "is_bundle", "meta_summary", "meta_capabilities", "meta_rois", "side_preset", "represent_warnings"]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -64,15 +68,6 @@ class ModalitySpec:
 
 
 @dataclass
-class SliceSpec:
-    """Slices the model was trained on: size (int for square, or [H, W]) and the volume axis
-    (0 = z, axial, for (z, y, x) arrays)."""
-
-    size: int | list[int] = 128
-    axis: int = 0
-
-
-@dataclass
 class BundleMeta:
     """Contents of ``medtranslate.yaml``. ``method`` and ``architecture`` are filled from the
     method by ``save_bundle``."""
@@ -81,7 +76,12 @@ class BundleMeta:
     architecture: dict[str, Any] = field(default_factory=dict)
     source: ModalitySpec = field(default_factory=ModalitySpec)
     target: ModalitySpec = field(default_factory=ModalitySpec)
+    #: the whole slicing spec of training (``data.SliceSpec``: size, axis, in-plane box margin,
+    #: ROI slice selection); the engine slices volumes with the same one.
     slice: SliceSpec = field(default_factory=SliceSpec)
+    #: ROI mask names the model was trained with (None: the training record's data.masks, else
+    #: ``regions.DEFAULT_ROIS``); see ``meta_rois``.
+    rois: list[str] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -369,5 +369,56 @@ def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -
 
 
 def meta_summary(meta: BundleMeta) -> str:
-    """The metadata as the YAML text a bundle holds (for ``models show`` and the Slicer module)."""
-    return dump_yaml(meta)
+    """The metadata as the YAML text a bundle holds (for ``models show`` and the Slicer module),
+    after a comment line per warning of ``represent_warnings``."""
+    notes = "".join(f"# warning: {w}\n" for w in represent_warnings(meta))
+    return notes + dump_yaml(meta)
+
+
+# --------------------------------------------------------------------------------------------
+# what a bundle's model offers (asked by every front end, no weights needed)
+# --------------------------------------------------------------------------------------------
+
+def meta_rois(meta: BundleMeta) -> tuple[str, ...]:
+    """ROI mask names of the model: ``rois``, else what its training record says, else the
+    default (``regions.DEFAULT_ROIS``)."""
+    if meta.rois:
+        return tuple(meta.rois)
+    return roi_names_from_training(meta.training)
+
+
+def meta_capabilities(meta: BundleMeta) -> Capabilities:
+    """The method class's capabilities with the bundle's architecture (BundleError when the
+    method or architecture is unknown)."""
+    try:
+        cls = get_method_class(meta.method)
+        config = from_dict(cls.Config, meta.architecture, where="medtranslate.yaml", prefix="architecture")
+    except ValueError as exc:
+        raise BundleError(" ".join(str(exc).split())) from None
+    return cls.capabilities_for(config)
+
+
+def side_preset(meta: BundleMeta, side: str) -> IntensityPreset:
+    """The (unfitted) intensity preset of ``side`` ("source" or "target")."""
+    spec = getattr(meta, side).preset
+    if spec is None:
+        raise BundleError(f"{side}.preset is missing in {META_NAME}")
+    try:
+        return preset_from_config(spec)
+    except ValueError as exc:
+        raise BundleError(f"{side}.preset in {META_NAME}: {exc}") from None
+
+
+def represent_warnings(meta: BundleMeta) -> list[str]:
+    """One line per problem of the target window: landmark tissues of the target's units that
+    it cannot represent (a CT model in the abdomen window outputs air as -160 HU)."""
+    try:
+        target = side_preset(meta, "target")
+    except BundleError:
+        return []
+    clipped = target.clipped_landmarks()
+    if not clipped:
+        return []
+    lo, hi = target.physical_range
+    return [f"the target window {lo:g}..{hi:g} {target.UNITS} cannot represent {', '.join(clipped)}: "
+            f"whole-volume values outside it are clipped"]

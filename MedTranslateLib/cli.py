@@ -7,17 +7,16 @@ non-zero exit code, never a traceback. Set MEDTRANSLATE_DEBUG=1 to see the trace
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from .app import UserError as CLIError
+from .runtime import first_line
 
 PROG = "medtranslate"
 
 
-class CLIError(Exception):
-    """An error whose message is meant for the user as it is."""
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
@@ -32,20 +31,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# translate / demo (the volume engine)
+# translate / demo (the application layer)
 # ---------------------------------------------------------------------------------------------
-#: Files written per case in folder mode (and by the demo), besides metrics.json.
-_CASE_OUTPUTS = ("synthetic", "difference", "reference_difference", "uncertainty")
-
-
-@dataclass
-class _Case:
-    """One volume to translate: its source file, mask files by name, optional reference."""
-
-    name: str
-    source: Path
-    masks: dict[str, Path] = field(default_factory=dict)
-    reference: Path | None = None
 
 
 class _ProgressBar:
@@ -65,142 +52,66 @@ class _ProgressBar:
         self.bar.close()
 
 
-def _volume_stem(path: Path) -> str | None:
-    from .io import FILE_EXTENSIONS
-
-    lower = path.name.lower()
-    for ext in FILE_EXTENSIONS:
-        if lower.endswith(ext) and len(lower) > len(ext):
-            return path.name[: -len(ext)]
-    return None
-
-
 def _check_output(path: Path, flag: str) -> Path:
     """An output path must be a volume file name or an extension-less DICOM folder name."""
+    from .cases import volume_stem
     from .io import FILE_EXTENSIONS
 
-    if _volume_stem(path) is None and path.suffix and not path.is_dir():
+    if volume_stem(path) is None and path.suffix and not path.is_dir():
         raise CLIError(f"{flag} {path}: unsupported output extension {path.suffix!r}; use one of "
                        f"{', '.join(FILE_EXTENSIONS)} or a folder name (DICOM series)")
     return path
 
 
-def _find_cases(root: Path, source: str, target: str) -> list[_Case] | None:
-    """Cases under folder ``root``: case folders holding ``<source>.*`` (masks liver/tumor/labels
-    and the reference ``<target>.*`` when present), else every volume file directly in ``root``.
-    None when ``root`` is a single volume (a file, or a DICOM series folder)."""
-    from . import data
+def _find_cases(root: Path, source: str, target: str, roi_names):
+    """Cases under folder ``root``: case folders holding ``<source>.*`` (their ROI masks, body
+    labels and reference ``<target>.*`` when present), else every volume file directly in
+    ``root``. None when ``root`` is a single volume (a file, or a DICOM series folder)."""
+    from .cases import CaseFiles, find_case_files, volume_stem
 
     if not root.exists():
         raise ValueError(f"{root}: file not found")
     if not root.is_dir():
         return None
     try:
-        folders = data.find_cases(root, required=[source])
+        cases = find_case_files(root, source, target, roi_names)
     except ValueError:
-        folders = []
-    if folders:
         cases = []
-        for folder in folders:
-            rel = folder.relative_to(root)
-            masks = {name: p for name, stem in (("liver", "liver"), ("tumor", "tumor"), ("body", data.BODY_LABELS))
-                     if (p := data.find_volume_file(folder, stem)) is not None}
-            cases.append(_Case(name=root.name if str(rel) == "." else rel.as_posix(),
-                               source=data.find_volume_file(folder, source), masks=masks,
-                               reference=data.find_volume_file(folder, target)))
+    if cases:
         return cases
-    files = sorted(p for p in root.iterdir() if p.is_file() and _volume_stem(p))
+    files = sorted(p for p in root.iterdir() if p.is_file() and volume_stem(p))
     if files:
-        return [_Case(name=_volume_stem(p) or p.name, source=p) for p in files]
+        return [CaseFiles.single(p, name=volume_stem(p) or p.name) for p in files]
     return None
 
 
-def _read_case(case: _Case):
-    """(source Volume, masks {name: Volume on the source grid}, reference Volume or None)."""
-    from . import io
+def _run_case(files, options, cache):
+    from . import app
+    from .cases import read_case
 
-    vol = io.read_volume(case.source)
-    masks = {name: io.read_mask(path, like=vol) for name, path in case.masks.items()}
-    ref = io.read_volume(case.reference) if case.reference is not None else None
-    return vol, masks, ref
-
-
-def _run_case(translator, case: _Case, args: argparse.Namespace):
-    vol, masks, ref = _read_case(case)
-    bar = _ProgressBar(case.name)
+    case = read_case(files)
+    bar = _ProgressBar(files.name)
     try:
-        return translator.translate(vol, masks=masks, reference=ref, steps=args.steps,
-                                    num_samples=args.num_samples, seed=args.seed,
-                                    slice_range=_slice_range(args), progress=bar)
+        return case, app.run_translation(app.TranslationRequest(case, options), cache=cache, progress=bar)
     finally:
         bar.close()
 
 
-def _slice_range(args: argparse.Namespace):
-    if args.roi is not None:
-        return args.roi
-    if args.slices is None:
-        return None
-    try:
-        first, last = (int(v) for v in args.slices.split(":"))
-    except ValueError:
-        raise CLIError(f"--slices must be FIRST:LAST (e.g. 10:40), got {args.slices!r}") from None
-    return first, last
+def _options(args: argparse.Namespace, device: str):
+    from . import app
 
-
-def _dicom_modality(translator) -> str:
-    kind = translator.bundle.meta.target.preset
-    kind = kind.get("kind") if isinstance(kind, dict) else kind
-    return "CT" if str(kind).startswith("ct") else "PT" if str(kind).startswith("pet") else "MR"
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _write_json(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _write_all(items: list[tuple[object, Path]], modality: str) -> list[Path]:
-    """Write volumes / JSON documents; on any failure remove what this call already wrote."""
-    from . import io
-
-    written: list[Path] = []
-    try:
-        for obj, path in items:
-            if isinstance(obj, io.Volume):
-                io.write_volume(obj, path, modality=modality)
-            else:
-                _write_json(obj, path)
-            written.append(path)
-    except BaseException:
-        for path in written:
-            _remove(path)
-        raise
-    return written
-
-
-def _metrics_doc(result, translator, case: _Case | None = None) -> dict:
-    meta = translator.bundle.meta
-    return {"model": str(translator.bundle.path), "method": meta.method,
-            "source": meta.source.modality, "target": meta.target.modality,
-            "case": case.name if case else None, "input": str(case.source) if case else None,
-            "metrics": result.metrics, "identity": result.baseline_metrics,
-            "consistency": result.consistency, "slice_range": list(result.slice_range),
-            "info": result.info}
+    slices = args.roi
+    if args.slices is not None:
+        try:
+            slices = tuple(int(v) for v in args.slices.split(":"))
+            if len(slices) != 2:
+                raise ValueError
+        except ValueError:
+            raise CLIError(f"--slices must be FIRST:LAST (e.g. 10:40), got {args.slices!r}") from None
+    return app.TranslationOptions(model=args.model, device=device, steps=args.steps, num_samples=args.num_samples,
+                                  seed=args.seed, slices=slices, extent_margin=args.roi_margin,
+                                  batch_size=args.batch_size, precision=args.precision,
+                                  shared_noise=args.shared_noise)
 
 
 def _print_metrics(result, indent: str = "  ") -> None:
@@ -216,70 +127,73 @@ def _print_metrics(result, indent: str = "  ") -> None:
         print(line)
 
 
-def _make_translator(args: argparse.Namespace, device: str):
-    from . import engine, model_store
-
-    batch = args.batch_size
-    if batch != "auto":
-        try:
-            batch = int(batch)
-        except ValueError:
-            raise CLIError(f"--batch-size must be 'auto' or a positive integer, got {batch!r}") from None
-    return engine.VolumeTranslator(model_store.find_model(args.model), device=device, precision=args.precision,
-                                   batch_size=batch, shared_noise=args.shared_noise, roi_margin=args.roi_margin,
-                                   baseline_metrics=True)
+def _mask_flags(args: argparse.Namespace) -> dict[str, str]:
+    """--liver / --tumor / --mask NAME=FILE -> {name: file}."""
+    masks = {name: p for name, p in (("liver", args.liver), ("tumor", args.tumor)) if p is not None}
+    for item in args.mask or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise CLIError(f"--mask must be NAME=FILE (e.g. lesion=lesion.nii.gz), got {item!r}")
+        masks[name] = path
+    return masks
 
 
 def _cmd_translate(args: argparse.Namespace) -> int:
     """translate one volume (file or DICOM folder) or a folder of cases with a model bundle."""
-    from . import engine
+    from . import app, runtime
 
-    rank, world, local = engine.distributed_env()
-    device = args.device
-    if device == "auto" and world > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{local % torch.cuda.device_count()}"
-    translator = _make_translator(args, device)
+    rank, world, _ = runtime.distributed_env()
+    options = _options(args, runtime.local_device(args.device))
+    cache = app.ModelCache()
+    translator = cache.get(options)
     meta = translator.bundle.meta
     source = Path(args.input)
-    cases = _find_cases(source, meta.source.modality, meta.target.modality)
+    if args.roi is not None and args.roi not in translator.roi_names:
+        raise CLIError(f"--roi {args.roi}: the model's ROI masks are {', '.join(translator.roi_names)}")
+    cases = _find_cases(source, meta.source.modality, meta.target.modality, translator.roi_names)
     if cases is None:
-        return _translate_single(translator, args)
-    per_case = [f for f in ("liver", "tumor", "reference", "difference", "uncertainty", "metrics")
+        return _translate_single(translator, cache, options, args)
+    per_case = [f for f in ("liver", "tumor", "mask", "reference", "difference", "uncertainty", "metrics")
                 if getattr(args, f) is not None]
     if per_case:
         raise CLIError(f"--{per_case[0]} applies to a single input; {source} is a folder of {len(cases)} "
                        f"case(s): masks and references are read from each case folder and every output "
                        f"is written to --output/<case>/")
+    from .cases import volume_stem
+
     out = Path(args.output)
-    if _volume_stem(out) is not None or (out.exists() and not out.is_dir()):
+    if volume_stem(out) is not None or (out.exists() and not out.is_dir()):
         raise CLIError(f"--output {out}: must be a folder when --input is a folder of cases")
-    mine = engine.shard(cases, rank, world)
+    mine = runtime.shard(cases, rank, world)
     print(f"{len(mine)} of {len(cases)} case(s) on rank {rank}/{world}, device {translator.device}")
     failed = 0
-    for case in mine:
+    for files in mine:
         try:
-            result = _run_case(translator, case, args)
-            folder = _write_case_folder(result, translator, case, out / case.name)
+            case, outcome = _run_case(files, options, cache)
+            app.write_case_folder(outcome, out / files.name, files)
         except (ValueError, OSError, RuntimeError, KeyError) as exc:
             if os.environ.get("MEDTRANSLATE_DEBUG"):
                 raise
             failed += 1
-            print(f"{PROG}: error: {case.name}: {_one_line(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: {files.name}: {runtime.first_line(exc)}", file=sys.stderr)
             continue
+        result = outcome.result
         extra = ""
-        if result.metrics and "liver" in result.metrics:
-            extra = f", liver MAE {result.metrics['liver']['mae']:.1f}"
-        print(f"{case.name}: {folder} ({result.info['slices']} slices, {result.info['seconds']:.1f} s{extra})")
+        if result.metrics and translator.roi_names and translator.roi_names[0] in result.metrics:
+            roi = translator.roi_names[0]
+            extra = f", {roi} MAE {result.metrics[roi]['mae']:.1f}"
+        print(f"{files.name}: {out / files.name} ({result.info['slices']} slices, "
+              f"{result.info['seconds']:.1f} s{extra})")
     if failed:
         print(f"{PROG}: error: {failed} of {len(mine)} case(s) failed", file=sys.stderr)
         return 2
     return 0
 
 
-def _translate_single(translator, args: argparse.Namespace) -> int:
+def _translate_single(translator, cache, options, args: argparse.Namespace) -> int:
+    from . import app
+    from .cases import CaseFiles
+
     out = _check_output(Path(args.output), "--output")
     extra = {"difference": args.difference, "uncertainty": args.uncertainty}
     for name, path in extra.items():
@@ -288,28 +202,28 @@ def _translate_single(translator, args: argparse.Namespace) -> int:
     targets = [Path(p).resolve() for p in (out, *(p for p in extra.values() if p), args.metrics) if p]
     if len(set(targets)) != len(targets):
         raise CLIError("--output, --difference, --uncertainty and --metrics must be different paths")
-    inputs = {Path(p).resolve() for p in (args.input, args.liver, args.tumor, args.reference) if p}
+    files = CaseFiles.single(args.input, reference=args.reference, masks=_mask_flags(args))
+    inputs = {Path(p).resolve() for p in files.inputs}
     if inputs & set(targets):
         raise CLIError(f"an output path is also an input: {sorted(str(p) for p in inputs & set(targets))[0]}")
     if args.reference is None and args.metrics is not None:
         raise CLIError("--metrics needs --reference (metrics compare the synthetic with a reference)")
-    masks = {name: Path(p) for name, p in (("liver", args.liver), ("tumor", args.tumor)) if p is not None}
-    reference = Path(args.reference) if args.reference else None
-    case = _Case(name=Path(args.input).name, source=Path(args.input), masks=masks, reference=reference)
-    result = _run_case(translator, case, args)
-    if args.uncertainty is not None and result.uncertainty is None:
-        method = translator.method
-        raise CLIError(f"--uncertainty: the {method.name} model defines no uncertainty map"
-                       + (" (try --num-samples 8)" if method.stochastic or getattr(
-                           method.config, "test_time_dropout", False) else ""))
+    caps = translator.capabilities
+    if args.uncertainty is not None and caps.uncertainty is None:
+        raise CLIError(f"--uncertainty: the {translator.method.name} model defines no uncertainty map")
+    if args.uncertainty is not None and caps.uncertainty_needs_samples and args.num_samples < 2:
+        raise CLIError(f"--uncertainty: the {translator.method.name} model defines no uncertainty map from one "
+                       f"sample (try --num-samples 8)")
+    case, outcome = _run_case(files, options, cache)
+    result = outcome.result
     items: list[tuple[object, Path]] = [(result.synthetic, out)]
     if args.difference:
         items.append((result.difference, Path(args.difference)))
     if args.uncertainty:
         items.append((result.uncertainty, Path(args.uncertainty)))
     if args.metrics:
-        items.append((_metrics_doc(result, translator, case), Path(args.metrics)))
-    written = _write_all(items, _dicom_modality(translator))
+        items.append((app.metrics_document(outcome, files), Path(args.metrics)))
+    written = app.write_outputs(items, translator.target_preset.DICOM_MODALITY)
     info = result.info
     print(f"synthetic: {written[0]} ({info['slices']} slices in {info['seconds']:.1f} s on {info['device']}, "
           f"{info['precision']}, batch {info['batch_size']})")
@@ -319,70 +233,35 @@ def _translate_single(translator, args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_case_folder(result, translator, case: _Case, folder: Path) -> Path:
-    """All outputs of one case into ``folder``, atomically (a temporary folder renamed into place)."""
-    import shutil
-    import tempfile
-
-    target = translator.bundle.meta.target.modality
-    names = {"synthetic": f"{target}_synthetic.nii.gz", "difference": "difference.nii.gz",
-             "reference_difference": "reference_difference.nii.gz", "uncertainty": "uncertainty.nii.gz"}
-    if folder.exists():
-        allowed = {*names.values(), "metrics.json"}
-        if not folder.is_dir() or any(p.name not in allowed for p in folder.iterdir()):
-            raise CLIError(f"{folder}: exists and holds other files; not replacing it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        items = [(getattr(result, key), tmp / name) for key, name in names.items()
-                 if getattr(result, key) is not None]
-        items.append((_metrics_doc(result, translator, case), tmp / "metrics.json"))
-        _write_all(items, _dicom_modality(translator))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _demo_models(names: list[str] | None) -> list[Path]:
-    from . import bundle, model_store
+    from . import app, model_store
 
     if names:
         return [model_store.find_model(n) for n in names]
-    folder = model_store.bundled_models_dir()
-    found = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and bundle.is_bundle(p)) \
-        if folder.is_dir() else []
+    found = app.bundled_models()
     if not found:
-        raise CLIError(f"no demo model bundles in {folder}; give one with --model")
+        raise CLIError(f"no demo model bundles in {model_store.bundled_models_dir()}; give one with --model")
     return found
 
 
-def _demo_figure(path: Path, translator, case, source, result, reference) -> Path:
+def _demo_figure(path: Path, outcome, case, seed: int) -> Path:
     import numpy as np
 
     from . import maps
     from .intensity import preset_from_config
+    from .regions import BODY
 
+    translator, result, source = outcome.translator, outcome.result, case.source
     meta = translator.bundle.meta
-    centre = maps.focus_index(case.masks["tumor"], case.masks["liver"], shape=source.shape)
-    body = case.masks["labels"].array > 0  # heatmaps inside the body only: air is clipped anyway
+    # the smallest ROI first (the tumour before the liver)
+    centre = maps.focus_index(*(case.masks.get(r) for r in reversed(translator.roi_names)), shape=source.shape)
+    body = case.mask(BODY)  # heatmaps inside the body only
 
     def in_body(vol):
         return None if vol is None else np.where(body, vol.array, np.nan)
 
     columns = {"source": source.array, "synthetic": result.synthetic.array,
-               "reference": None if reference is None else reference.array,
+               "reference": None if case.reference is None else case.reference.array,
                "difference": in_body(result.difference),
                "reference_difference": in_body(result.reference_difference),
                # shown as a standard deviation so its colour bar is in the image's units
@@ -397,16 +276,13 @@ def _demo_figure(path: Path, translator, case, source, result, reference) -> Pat
                 row[key], row["aspect"] = image, aspect
         rows.append(row)
     # The source is drawn in its own window (an MR source in a CT window is saturated).
-    src_lo, src_hi = preset_from_config(result.info["source_preset"]).physical_range \
-        if "source_preset" in result.info else (None, None)
-    window = result.info["target_preset"]
-    lo, hi = preset_from_config(window).physical_range
-    units = "HU" if _dicom_modality(translator) == "CT" else "a.u."
-    title = (f"{Path(translator.bundle.path).name}: {meta.source.modality} \u2192 {meta.target.modality} "
-             f"({meta.method}), phantom seed {case.seed}")
+    src_lo, src_hi = preset_from_config(result.info["source_preset"]).physical_range
+    lo, hi = preset_from_config(result.info["target_preset"]).physical_range
+    units = translator.target_preset.UNITS
+    title = (f"{outcome.model_name}: {meta.source.modality} \u2192 {meta.target.modality} "
+             f"({meta.method}), phantom seed {seed}")
     return maps.comparison_figure(path, rows, title=title, window=(lo, hi), units=units,
-                                  source_window=None if src_lo is None else (src_lo, src_hi),
-                                  uncertainty_label=f"std ({units})")
+                                  source_window=(src_lo, src_hi), uncertainty_label=f"std ({units})")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -414,49 +290,62 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     baseline's metrics next to each model's."""
     import time
 
-    from . import engine, phantom
+    from . import app, phantom
+    from .bundle import read_bundle_meta
+    from .cases import Case
+    from .regions import BODY
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    translators = [engine.VolumeTranslator(p, device=args.device, baseline_metrics=True)
-                   for p in _demo_models(args.model)]
+    models = _demo_models(args.model)
     seed = phantom.case_seed(args.seed, 0)
-    case = phantom.generate_case(seed, phantom.PhantomConfig.from_cli(shape=args.shape))
-    case_dir = phantom.write_case(case, out / "phantom")
+    ph = phantom.generate_case(seed, phantom.PhantomConfig.from_cli(shape=args.shape))
+    case_dir = phantom.write_case(ph, out / "phantom")
     report: dict = {"case": {"folder": str(case_dir), "seed": seed, "dataset_seed": args.seed,
-                             "tumors": len(case.info.get("tumors", []))}, "models": {}}
-    masks = {"liver": case.masks["liver"], "tumor": case.masks["tumor"], "body": case.masks["labels"]}
+                             "tumors": len(ph.info.get("tumors", []))}, "models": {}}
+    masks = {name: m.array > 0 for name, m in ph.masks.items() if name != "labels"}
+    masks[BODY] = ph.masks["labels"].array > 0
     print(f"phantom case: {case_dir}")
-    for translator in translators:
-        meta = translator.bundle.meta
-        name = Path(translator.bundle.path).name
-        name = name[:-4] if name.lower().endswith(".zip") else name
-        source, reference = case.images.get(meta.source.modality), case.images.get(meta.target.modality)
+    cache = app.ModelCache()
+    for path in models:
+        meta = read_bundle_meta(path)
+        name = path.name[:-4] if path.name.lower().endswith(".zip") else path.name
+        source, reference = ph.images.get(meta.source.modality), ph.images.get(meta.target.modality)
         if source is None:
             print(f"{name}: skipped (the phantom has no {meta.source.modality!r} image)")
             continue
+        case = Case(f"phantom seed {seed}", source, masks, reference)
+        options = app.TranslationOptions(model=str(path), device=args.device, seed=args.seed)
         bar = _ProgressBar(name)
         try:
-            result = translator.translate(source, masks=masks, reference=reference, seed=args.seed, progress=bar)
+            outcome = app.run_translation(app.TranslationRequest(case, options), cache=cache, progress=bar)
         finally:
             bar.close()
-        folder = out / name
-        items = [(getattr(result, key), folder / f"{key}.nii.gz") for key in _CASE_OUTPUTS
-                 if getattr(result, key) is not None]
-        files = _write_all(items, _dicom_modality(translator))
-        figure = _demo_figure(folder / "figure.png", translator, case, source, result, reference)
-        report["models"][name] = {**_metrics_doc(result, translator),
-                                  "outputs": [str(p) for p in files], "figure": str(figure)}
+        result, folder = outcome.result, out / name
+        names = app.output_files(outcome, synthetic_name="synthetic.nii.gz")
+        files = app.write_outputs([(getattr(result, key), folder / f"{key}.nii.gz") for key in names],
+                                  outcome.translator.target_preset.DICOM_MODALITY)
+        figure = _demo_figure(folder / "figure.png", outcome, case, seed)
+        report["models"][name] = {**app.metrics_document(outcome), "warnings": app.model_choice(
+            _model_info(path, meta)).warnings, "outputs": [str(p) for p in files], "figure": str(figure)}
         print(f"{name} ({meta.method}, {meta.source.modality} -> {meta.target.modality}): "
               f"{result.info['slices']} slices in {result.info['seconds']:.1f} s")
+        for warning in report["models"][name]["warnings"]:
+            print(f"  warning: {warning}")
         print(f"  outputs: {folder}/ ({', '.join(p.name for p in files)})")
         print(f"  figure:  {figure}")
         _print_metrics(result, indent="    ")
     report["seconds"] = time.perf_counter() - t0
-    metrics_path = _write_json(report, out / "metrics.json")
+    metrics_path = app.write_json(report, out / "metrics.json")
     print(f"metrics: {metrics_path}")
     print(f"done in {report['seconds']:.1f} s")
     return 0
+
+
+def _model_info(path: Path, meta):
+    from .model_store import ModelInfo
+
+    return ModelInfo(path.name, path, "bundled", meta=meta)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -551,6 +440,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="synthetic volume file (folder without extension: DICOM series); a folder for cases")
     p.add_argument("--liver", default=None, help="liver mask (resampled onto the source grid if needed)")
     p.add_argument("--tumor", default=None, help="tumor mask")
+    p.add_argument("--mask", action="append", default=None, metavar="NAME=FILE",
+                   help="an ROI mask by the model's ROI name (repeatable; see: models show)")
     p.add_argument("--reference", default=None, help="real target volume: metrics and reference difference")
     p.add_argument("--difference", default=None, help="write synthetic - source (target units) here")
     p.add_argument("--uncertainty", default=None, help="write the uncertainty map here (methods that have one)")
@@ -560,12 +451,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    p.add_argument("--batch-size", default="auto", help="slices per batch, or auto")
+    p.add_argument("--batch-size", type=_batch_size, default="auto", help="slices per batch, or auto")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--slices", default=None, metavar="FIRST:LAST", help="translate only these slices")
-    g.add_argument("--roi", choices=("liver", "tumor"), default=None,
-                   help="translate only the slices of this mask (+- --roi-margin)")
-    p.add_argument("--roi-margin", type=int, default=4)
+    g.add_argument("--roi", default=None, metavar="NAME",
+                   help="translate only the slices holding this ROI mask (+- --roi-margin)")
+    p.add_argument("--roi-margin", type=int, default=4, help="slices kept on each side of the --roi mask's extent")
     p.add_argument("--shared-noise", action="store_true", help="same noise for every slice (diffusion methods)")
     p.set_defaults(func=_cmd_translate)
 
@@ -607,11 +498,10 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, OSError, KeyError, RuntimeError) as exc:
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
         if os.environ.get("MEDTRANSLATE_DEBUG"):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -27,9 +27,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from . import io as mio
+from .cases import BODY_LABELS, find_cases, find_volume_file, split_cases
 from .intensity import IntensityPreset, preset_from_config
+from .regions import DEFAULT_ROIS
 
 __all__ = [
+    "BODY_LABELS",
     "find_cases",
     "find_volume_file",
     "split_cases",
@@ -41,108 +44,6 @@ __all__ = [
     "PairedSliceDataset",
     "UnpairedSliceDataset",
 ]
-
-#: Stem of the label map whose non-zero voxels are the body.
-BODY_LABELS = "labels"
-
-
-# ---------------------------------------------------------------------------------------------
-# case discovery and splitting
-# ---------------------------------------------------------------------------------------------
-def _stem(path: Path) -> str | None:
-    """Volume stem of a file (``ct`` for ``ct.nii.gz``), None when not a volume file."""
-    name = path.name
-    lower = name.lower()
-    for ext in mio.FILE_EXTENSIONS:
-        if lower.endswith(ext) and len(name) > len(ext):
-            return name[: -len(ext)]
-    return None
-
-
-def find_volume_file(case: str | os.PathLike, stem: str) -> Path | None:
-    """The file (or DICOM series folder) for ``stem`` in a case folder; None when absent.
-    Raises ValueError when several files match (e.g. ``ct.nii.gz`` and ``ct.nrrd``)."""
-    case = Path(case)
-    matches = sorted(p for p in case.iterdir() if p.is_file() and _stem(p) == stem)
-    sub = case / stem
-    if sub.is_dir() and any(p.is_file() for p in sub.iterdir()):
-        matches.append(sub)
-    if len(matches) > 1:
-        raise ValueError(f"{case}: several files for {stem!r}: {', '.join(p.name for p in matches)}")
-    return matches[0] if matches else None
-
-
-def _case_stems(folder: Path) -> set[str]:
-    stems = set()
-    for p in folder.iterdir():
-        if p.is_file():
-            s = _stem(p)
-            if s:
-                stems.add(s)
-    return stems
-
-
-def find_cases(root: str | os.PathLike, required: Sequence[str] = ()) -> list[Path]:
-    """Case folders under ``root`` (sorted by path) holding every stem in ``required``.
-
-    A case folder is a directory with at least one volume file; ``root`` itself counts when it
-    is one, otherwise sub-folders are searched (a case's own sub-folders are not).
-    Raises ValueError when ``root`` is missing or no case qualifies."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"{root}: case root folder not found")
-    required = tuple(required)
-    found: list[Path] = []
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        if _case_stems(folder):
-            found.append(folder)
-            continue
-        stack.extend(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    cases = sorted((c for c in found if all(find_volume_file(c, s) is not None for s in required)),
-                   key=lambda p: str(p))
-    if not cases:
-        want = f" with {', '.join(required)}" if required else ""
-        extra = f" ({len(found)} case folders lack some of them)" if found and required else ""
-        raise ValueError(f"{root}: no case folders{want} found{extra}; expected folders of volume "
-                         f"files ({', '.join(mio.FILE_EXTENSIONS)}) named by modality/mask")
-    return cases
-
-
-def split_cases(cases: Sequence[str | os.PathLike], ratios: Sequence[float] = (7, 1, 2),
-                seed: int = 0) -> dict[str, list[Path]]:
-    """Deterministic case-level train/val/test split.
-
-    The cases are sorted by folder name (then full path), shuffled with ``seed`` and cut by
-    ``ratios`` (largest-remainder rounding), so the result depends on names and seed only, never
-    on the order given. Each case lands in exactly one split; with >= 3 cases val and test get at
-    least one each. Lists are returned sorted."""
-    paths = [Path(c) for c in cases]
-    if len({str(p) for p in paths}) != len(paths):
-        raise ValueError("split_cases: duplicate cases given")
-    ratios = [float(r) for r in ratios]
-    if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
-        raise ValueError(f"split_cases: ratios must be 3 non-negative numbers (train, val, test), got {ratios}")
-    ordered = sorted(paths, key=lambda p: (p.name, str(p)))
-    n = len(ordered)
-    exact = [n * r / sum(ratios) for r in ratios]
-    counts = [math.floor(e) for e in exact]
-    for i in sorted(range(3), key=lambda i: (counts[i] - exact[i], i))[: n - sum(counts)]:
-        counts[i] += 1
-    if n >= 3:
-        for i in (1, 2):  # val, test non-empty: take from the largest split
-            if counts[i] == 0:
-                counts[i] = 1
-                counts[int(np.argmax(counts))] -= 1
-    perm = np.random.default_rng(seed).permutation(n)
-    shuffled = [ordered[i] for i in perm]
-    out, start = {}, 0
-    for key, count in zip(("train", "val", "test"), counts, strict=True):
-        out[key] = sorted(shuffled[start:start + count], key=lambda p: (p.name, str(p)))
-        start += count
-    return out
-
 
 # ---------------------------------------------------------------------------------------------
 # in-plane geometry
@@ -429,7 +330,7 @@ def _resolve_cases(cases) -> list[Path]:
 
 class _SliceDatasetBase(Dataset):
     def __init__(self, cases, source: str, target: str, source_preset, target_preset,
-                 spec: SliceSpec | None = None, masks: Sequence[str] = ("liver", "tumor")) -> None:
+                 spec: SliceSpec | None = None, masks: Sequence[str] = DEFAULT_ROIS) -> None:
         self.spec = spec if spec is not None else SliceSpec()
         if not isinstance(self.spec, SliceSpec):
             raise ValueError(f"spec must be a SliceSpec, got {type(self.spec).__name__}")
@@ -462,7 +363,7 @@ class PairedSliceDataset(_SliceDatasetBase):
     The target is resampled onto the source grid when their geometries differ."""
 
     def __init__(self, cases, source: str, target: str, source_preset, target_preset,
-                 spec: SliceSpec | None = None, masks: Sequence[str] = ("liver", "tumor")) -> None:
+                 spec: SliceSpec | None = None, masks: Sequence[str] = DEFAULT_ROIS) -> None:
         super().__init__(cases, source, target, source_preset, target_preset, spec, masks)
         self._src: list[_Side] = []
         self._tgt: list[_Side] = []
@@ -527,7 +428,7 @@ class UnpairedSliceDataset(_SliceDatasetBase):
     ``case``/``source_case``, ``target_case``, ``index``, ``target_index``."""
 
     def __init__(self, cases, source: str, target: str, source_preset, target_preset,
-                 spec: SliceSpec | None = None, masks: Sequence[str] = ("liver", "tumor"),
+                 spec: SliceSpec | None = None, masks: Sequence[str] = DEFAULT_ROIS,
                  seed: int = 0) -> None:
         super().__init__(cases, source, target, source_preset, target_preset, spec, masks)
         self.seed = int(seed)

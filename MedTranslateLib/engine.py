@@ -28,12 +28,10 @@ of the batch (neighbouring slices, same noise: smoother across slices for diffus
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,11 +39,13 @@ import numpy as np
 import torch
 
 from . import io as mio
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import Bundle, BundleError, meta_rois, side_preset
 from .data import SliceGeometry, body_mask
-from .intensity import IntensityPreset, preset_from_config
+from .intensity import IntensityPreset
 from .maps import consistency_report, difference_map, uncertainty_to_physical
-from .metrics import SYNTHRAD_CT_RANGE, roi_metrics
+from .metrics import SSIM_WINDOW, SYNTHRAD_CT_RANGE, roi_metrics
+from .regions import BODY, WHOLE, ordered_regions
+from .runtime import distributed_env, first_line, resolve_device, resolve_precision, shard
 
 __all__ = [
     "VolumeTranslator",
@@ -59,17 +59,13 @@ __all__ = [
     "shard",
     "CPU_BATCH_SIZE",
 ]
+# resolve_device, resolve_precision, distributed_env and shard live in ``runtime``; they stay
+# importable from here.
 
 #: Batch size "auto" on CPU: large enough to amortise per-call overhead, small in memory.
 CPU_BATCH_SIZE = 8
-#: In-plane margin around the body box (fraction of its size), as ``data.SliceSpec.margin``.
-BOX_MARGIN = 0.05
-#: Regions of the metrics table, in this order (missing / empty ones are left out).
-REGIONS = ("whole", "body", "liver", "tumor")
 
 _IN_PLANE = {0: (1, 2), 1: (0, 2), 2: (0, 1)}  # (row, col) axes of (z, y, x) per slicing axis
-_PRECISIONS = {"fp32": None, "32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-               "fp16": torch.float16, "16": torch.float16, "float16": torch.float16}
 
 ProgressFn = Callable[[int, int, float | None], Any]
 
@@ -83,16 +79,16 @@ class Result:
     """What ``VolumeTranslator.translate`` returns. Volumes share the source's geometry.
 
     synthetic: the synthetic target, physical units (HU for CT).
-    difference: synthetic - the identity baseline (the source in the target's units: clipped to
-        the target window for CT -> CT, else mapped through both presets; ``identity_baseline``);
-        0 outside the translated slices.
+    difference: synthetic - the identity baseline (the source in the target's units: the source
+        itself for CT -> CT, else mapped through both presets; ``identity_baseline``); 0 outside
+        the translated slices.
     uncertainty: per-voxel uncertainty in target units (``uncertainty_kind`` says std or
         variance) when the method defines one; 0 outside the translated slices.
     confidence: (n,) per slice along the axis, NaN where not translated; None when undefined.
     reference_difference: synthetic - reference (when a reference was given).
     metrics: region -> {mae, psnr, ssim, rmse} of synthetic vs reference over the translated
-        slices (regions: whole, body, liver, tumor); ``baseline_metrics`` the same for the
-        identity baseline (when asked for).
+        slices (regions: whole, body, then every given ROI mask, ``regions.metric_regions``);
+        ``baseline_metrics`` the same for the identity baseline (when asked for).
     consistency: inter-slice consistency (mean |slice k+1 - slice k| in the body) of the
         synthetic and the reference, and their ratio.
     slice_range: [first, last) slices translated along ``axis``.
@@ -111,71 +107,6 @@ class Result:
     slice_range: tuple[int, int] = (0, 0)
     axis: int = 0
     info: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# devices, precision, sharding
-# ---------------------------------------------------------------------------------------------
-def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """"auto" (CUDA when available, else CPU) | "cpu" | "cuda" | "cuda:N" -> torch.device.
-    Unknown or unavailable devices raise ValueError (one line)."""
-    if isinstance(spec, torch.device):
-        spec = str(spec)
-    text = "auto" if spec is None else str(spec).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        index = None
-        if text != "cuda":
-            tail = text[5:]
-            if not tail.isdigit():
-                raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
-            index = int(tail)
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available here; use --device cpu")
-        count = torch.cuda.device_count()
-        if index is not None and index >= count:
-            raise ValueError(f"device {spec!r} does not exist: {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-        return torch.device("cuda", index if index is not None else torch.cuda.current_device())
-    raise ValueError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N")
-
-
-def resolve_precision(precision: str | None, device: torch.device) -> torch.dtype | None:
-    """"auto" | "fp32" | "bf16" | "fp16" -> autocast dtype (None = float32, no autocast).
-    "auto": bf16 on CUDA when supported, else fp16 on CUDA; fp32 on CPU."""
-    text = "auto" if precision is None else str(precision).strip().lower()
-    if text == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if text not in _PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
-    return _PRECISIONS[text]
-
-
-def distributed_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK; (0, 1, 0)
-    when not launched by torchrun. Invalid values raise ValueError."""
-    env = os.environ if environ is None else environ
-    try:
-        world = int(env.get("WORLD_SIZE", "1"))
-        rank = int(env.get("RANK", "0"))
-        local = int(env.get("LOCAL_RANK", str(rank)))
-    except ValueError:
-        raise ValueError("RANK / WORLD_SIZE / LOCAL_RANK must be integers") from None
-    if world < 1 or not 0 <= rank < world or local < 0:
-        raise ValueError(f"invalid distributed environment: RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}")
-    return rank, world, local
-
-
-def shard(items: Sequence, rank: int, world_size: int) -> list:
-    """This rank's share of ``items``: every ``world_size``-th item from ``rank`` (the shares of
-    all ranks are disjoint and cover ``items``)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"invalid shard rank {rank} of {world_size}")
-    return list(items)[rank::world_size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,11 +130,6 @@ def _is_cancelled(cancel: Any) -> bool:
     return bool(cancel())
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _batch_seed(seed: int, start: int) -> int:
     """A 63-bit generator seed from (run seed, first slice of the batch)."""
     return int(np.random.SeedSequence([seed & (2**64 - 1), start]).generate_state(2, np.uint64)[0] >> 1)
@@ -213,74 +139,73 @@ def _batch_seed(seed: int, start: int) -> int:
 # the engine
 # ---------------------------------------------------------------------------------------------
 class VolumeTranslator:
-    """Translate whole volumes with a model bundle.
+    """Translate whole volumes with a loaded model bundle.
 
-    bundle: a loaded ``Bundle``, a bundle path (folder or .zip) or a model name known to
-        ``model_store``.
+    bundle: a loaded ``Bundle`` (``bundle.load_bundle``; by model name: ``app.load_model``).
     device: "auto" | "cpu" | "cuda" | "cuda:N". precision: "auto" | "fp32" | "bf16" | "fp16".
     batch_size: "auto" or slices per batch (an upper bound: halved on out-of-memory).
     shared_noise: same noise for every batch (and, for methods that support it, every slice).
-    roi_margin: slices kept on each side of a mask's extent when ``slice_range`` names a mask.
+    extent_margin: slices kept on each side of a mask's extent when ``slice_range`` names a mask
+        (not the training's ``SliceSpec.roi_margin``, which is around the largest-area slice).
     channels_last: "auto" (on; switched off with a warning if the method fails on channels-last
         input) or a bool. max_batch_size: cap of the automatic batch size.
     baseline_metrics: also compute the identity baseline's metrics when a reference is given.
+
+    Slices are taken as the bundle's ``slice`` spec says (the one training used: axis, size,
+    in-plane box margin); ROI names and capabilities come from the bundle and its method.
     """
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, device: str | torch.device = "auto",
+    def __init__(self, bundle: Bundle, device: str | torch.device = "auto",
                  precision: str = "auto", batch_size: int | str = "auto", *, shared_noise: bool = False,
-                 roi_margin: int = 4, channels_last: bool | str = "auto", max_batch_size: int = 64,
+                 extent_margin: int = 4, channels_last: bool | str = "auto", max_batch_size: int = 64,
                  baseline_metrics: bool = False) -> None:
+        if not isinstance(bundle, Bundle):
+            raise TypeError(f"VolumeTranslator needs a loaded Bundle (bundle.load_bundle or app.load_model), "
+                            f"got {type(bundle).__name__}")
         self.device = resolve_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                      or batch_size < 1):
             raise ValueError(f"batch_size must be 'auto' or a positive integer, got {batch_size!r}")
-        if not isinstance(roi_margin, int) or roi_margin < 0:
-            raise ValueError(f"roi_margin must be an integer >= 0, got {roi_margin!r}")
-        if not isinstance(bundle, Bundle):
-            from .model_store import find_model
-
-            bundle = load_bundle(find_model(bundle))
+        if isinstance(extent_margin, bool) or not isinstance(extent_margin, int) or extent_margin < 0:
+            raise ValueError(f"extent_margin must be an integer >= 0, got {extent_margin!r}")
         self.bundle = bundle
         meta = bundle.meta
-        self.axis = int(meta.slice.axis)
-        if self.axis not in (0, 1, 2):
-            raise BundleError(f"{bundle.path}: slice.axis must be 0, 1 or 2, got {meta.slice.axis!r}")
-        size = meta.slice.size
-        if isinstance(size, list):
-            if len(size) != 2 or size[0] != size[1]:
-                raise BundleError(f"{bundle.path}: slice.size {size} is not square; the engine needs H == W")
-            size = size[0]
-        self.size = int(size)
-        for side in ("source", "target"):
-            if getattr(meta, side).preset is None:
-                raise BundleError(f"{bundle.path}: {side}.preset is missing in medtranslate.yaml")
-        self.source_preset_config = meta.source.preset
-        self.target_preset_config = meta.target.preset
+        self.spec = meta.slice
+        self.axis = int(self.spec.axis)
+        self.size = int(self.spec.size)
+        try:
+            self.source_preset = side_preset(meta, "source")
+            self.target_preset = side_preset(meta, "target")
+        except BundleError as exc:
+            raise BundleError(f"{bundle.path}: {exc}") from None
+        self.roi_names = meta_rois(meta)
         self.method = bundle.method.eval().to(self.device)
+        self.capabilities = self.method.capabilities
         if self.method.in_channels != 1:
             raise BundleError(f"{bundle.path}: the model takes {self.method.in_channels} source channels; "
                               f"the engine feeds single-channel slices")
         self.batch_size = batch_size
         self.max_batch_size = int(max_batch_size)
         self.shared_noise = bool(shared_noise)
-        self.roi_margin = roi_margin
+        self.extent_margin = extent_margin
         # channels-last: measured 1.2-1.5x faster for the pix2pix U-Net on CPU as well as on GPU
         self.channels_last = True if channels_last == "auto" else bool(channels_last)
         self._channels_last_auto = channels_last == "auto"
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.baseline_metrics = bool(baseline_metrics)
-        try:
-            params = inspect.signature(self.method.translate).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._accepts_shared_noise = "shared_noise" in params
 
     # -- public -----------------------------------------------------------------------------
     @property
     def precision(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast_dtype]
+
+    @property
+    def model_name(self) -> str:
+        """The bundle's folder name (without ``.zip``)."""
+        name = self.bundle.path.name
+        return name[:-4] if name.lower().endswith(".zip") else name
 
     def translate(self, volume: mio.Volume, *, masks: Mapping[str, Any] | None = None,
                   reference: mio.Volume | None = None, steps: int | None = None, num_samples: int = 1,
@@ -288,7 +213,7 @@ class VolumeTranslator:
                   progress: ProgressFn | None = None, cancel: Any = None) -> Result:
         """Translate ``volume`` (see the module docstring).
 
-        masks: name ("liver", "tumor", "body") -> ``Volume`` (resampled nearest-neighbour onto
+        masks: name (the bundle's ROI names, e.g. "liver", "tumor"; "body") -> ``Volume`` (resampled nearest-neighbour onto
             the source grid when its geometry differs) or a (z, y, x) array; > 0.5 = inside.
         reference: the real target, for metrics and ``reference_difference`` (resampled
             linearly onto the source grid when its geometry differs).
@@ -311,24 +236,24 @@ class VolumeTranslator:
         mask_arrays = self._prepare_masks(masks, vol)
         ref = self._prepare_reference(reference, vol)
 
-        src_preset = preset_from_config(self.source_preset_config).fit(vol.array)
+        src_preset = self.source_preset.fit(vol.array)
         tgt_preset = self._target_preset(src_preset, vol)
         norm = np.asarray(src_preset.forward(vol.array), dtype=np.float32)
-        body = mask_arrays.get("body")
+        body = mask_arrays.get(BODY)
         if body is None:
             body = body_mask(vol, src_preset)
         axis = self.axis
         rows_ax, cols_ax = _IN_PLANE[axis]
         spacing_zyx = vol.spacing[::-1]
-        geometry = SliceGeometry.from_mask(body.any(axis=axis), self.size, margin=BOX_MARGIN,
+        geometry = SliceGeometry.from_mask(body.any(axis=axis), self.size, margin=self.spec.margin,
                                            spacing=(spacing_zyx[rows_ax], spacing_zyx[cols_ax]))
         n = vol.shape[axis]
         first, last = self._resolve_range(slice_range, mask_arrays, n)
 
         src_slices = np.moveaxis(norm, axis, 0)  # (n, R, C) view
         mask_slices = {}
-        if self.method.uses_masks:
-            with_body = {**mask_arrays, "body": body}
+        if self.capabilities.uses_masks:
+            with_body = {**mask_arrays, BODY: body}
             mask_slices = {k: np.moveaxis(m, axis, 0) for k, m in with_body.items()}
         out = np.full(src_slices.shape, -1.0, dtype=np.float32)
         unc: np.ndarray | None = None
@@ -358,7 +283,7 @@ class VolumeTranslator:
                 if not (self.channels_last and self._channels_last_auto and done == 0):
                     raise
                 # a method that needs contiguous tensors (e.g. .view): drop channels-last for good
-                warnings.warn(f"{self.method.name}: channels-last input failed ({_first_line(exc)}); "
+                warnings.warn(f"{self.method.name}: channels-last input failed ({first_line(exc)}); "
                               f"using contiguous tensors", stacklevel=2)
                 self.channels_last = False
                 self.method.to(memory_format=torch.contiguous_format)
@@ -429,7 +354,7 @@ class VolumeTranslator:
     def _target_preset(self, src_preset: IntensityPreset, vol: mio.Volume) -> IntensityPreset:
         """The target preset, fitted: its own statistics from the bundle when it has them, the
         source's when both sides use the same data-dependent kind (e.g. MR -> MR)."""
-        tgt = preset_from_config(self.target_preset_config)
+        tgt = dataclasses.replace(self.target_preset)
         if tgt.fitted:
             return tgt
         if tgt.kind == src_preset.kind:
@@ -446,7 +371,7 @@ class VolumeTranslator:
             if slice_range not in masks:
                 raise ValueError(f"slice_range {slice_range!r} names no given mask (masks: "
                                  f"{', '.join(masks) or 'none'})")
-            rng = mask_slice_range(masks[slice_range], self.axis, self.roi_margin)
+            rng = mask_slice_range(masks[slice_range], self.axis, self.extent_margin)
             if rng is None:
                 raise ValueError(f"mask {slice_range!r} is empty: no slices to translate")
             return rng
@@ -481,7 +406,7 @@ class VolumeTranslator:
             for name, m in mask_slices.items():
                 mt = torch.from_numpy(np.ascontiguousarray(m[idx], dtype=np.float32)).to(dev, non_blocking=True)
                 masks[name] = geometry.apply(mt, mode="nearest", fill=0.0).unsqueeze(1)
-        extra = {"shared_noise": True} if self.shared_noise and self._accepts_shared_noise else {}
+        extra = {"shared_noise": True} if self.shared_noise and self.capabilities.shared_noise else {}
         with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=self.autocast_dtype or torch.float32,
                                                     enabled=self.autocast_dtype is not None):
             tr = self.method.translate(x, masks=masks, steps=steps, num_samples=num_samples,
@@ -549,7 +474,7 @@ class VolumeTranslator:
                         slice_range=(first, last), axis=axis, confidence=conf)
         if unc is not None:
             lo, hi = tgt_preset.physical_range
-            kind = getattr(self.method, "uncertainty_kind", None)
+            kind = self.capabilities.uncertainty
             result.uncertainty = volume(uncertainty_to_physical(np.moveaxis(unc, 0, axis), (hi - lo) / 2.0, kind),
                                         "uncertainty")
             result.uncertainty_kind = kind
@@ -559,11 +484,10 @@ class VolumeTranslator:
         if ref is not None:
             result.reference_difference = volume(
                 np.where(slab, difference_map(synthetic, ref_array), 0.0).astype(np.float32), "reference difference")
-            value_range = SYNTHRAD_CT_RANGE if tgt_preset.kind == "ct_window" else None
-            regions: dict[str, Any] = {"whole": None if (first, last) == (0, n) else slab, "body": body & slab}
-            for name in ("liver", "tumor"):
-                if name in masks:
-                    regions[name] = masks[name] & slab
+            value_range = SYNTHRAD_CT_RANGE if tgt_preset.HOUNSFIELD else None
+            regions: dict[str, Any] = {WHOLE: None if (first, last) == (0, n) else slab, BODY: body & slab}
+            for name in ordered_regions([m for m in masks if m != BODY], self.roi_names):
+                regions[name] = masks[name] & slab
             result.metrics = _safe_metrics(ref_array, synthetic, regions, value_range)
             if self.baseline_metrics:
                 result.baseline_metrics = _safe_metrics(ref_array, baseline, regions, value_range)
@@ -574,25 +498,23 @@ def identity_baseline(source: np.ndarray, src_preset: IntensityPreset, tgt_prese
                       normalised: np.ndarray | None = None) -> np.ndarray:
     """The source "translated" by doing nothing, in the target's units (z, y, x float32).
 
-    CT -> CT (both presets CT windows, both in HU): the source clipped to the target window,
-    i.e. what a model that changes nothing could output. Other pairs (MR -> MR, MR -> CT, ...):
-    the source through its preset to [-1, 1], then through the target preset's inverse.
-    ``normalised``: ``src_preset.forward(source)`` when already computed."""
-    if src_preset.kind == "ct_window" and tgt_preset.kind == "ct_window":
-        return np.asarray(tgt_preset.inverse(tgt_preset.forward(source)), dtype=np.float32)
+    Same physical units on both sides (CT -> CT, HU and HU): the source itself, unclipped, so
+    the baseline is the same for every model of that source and target whatever its windows.
+    Other pairs (MR -> CT, MR -> MR, ...) have no common unit: the source through its preset to
+    [-1, 1], then through the target preset's inverse (``normalised``: ``src_preset.forward(source)``
+    when already computed)."""
+    if src_preset.same_units(tgt_preset):
+        return np.asarray(source, dtype=np.float32)
     norm = src_preset.forward(source) if normalised is None else normalised
     return np.asarray(tgt_preset.inverse(norm), dtype=np.float32)
 
 
 def _safe_metrics(reference: np.ndarray, image: np.ndarray, regions: dict[str, Any],
                   value_range: tuple[float, float] | None) -> dict[str, dict[str, float]]:
-    """``metrics.roi_metrics``; a volume too small for SSIM (< 7 voxels on an axis) gets MAE/RMSE
-    only with PSNR/SSIM as NaN rather than no metrics at all."""
-    try:
+    """``metrics.roi_metrics``; a volume too small for SSIM (< ``SSIM_WINDOW`` voxels on an axis)
+    gets MAE/RMSE only with PSNR/SSIM as NaN rather than no metrics at all."""
+    if min(reference.shape) >= SSIM_WINDOW:
         return roi_metrics(reference, image, regions, value_range=value_range)
-    except ValueError as exc:
-        if "SSIM needs" not in str(exc):
-            raise
     rows = {}
     for name, region in regions.items():
         m = np.ones(reference.shape, bool) if region is None else np.asarray(region, bool)

@@ -1,13 +1,14 @@
 """Evaluate a model bundle on held-out cases: metrics table (CSV + Markdown) and one figure per case.
 
-Every case of the chosen split goes through ``engine.VolumeTranslator`` (the same volume
-translation users get: source preset, the training's slice cropping, batched slices, target
-preset inverse) with its reference. Metrics (``metrics.roi_metrics``: MAE, PSNR, SSIM, RMSE in
-physical units; SynthRAD2023 conventions with the -1024..3000 HU range for CT targets) cover the
-whole volume, the body, the liver and the tumour. The *identity* baseline
-(``engine.identity_baseline``: the source with no model, in the target's units -- for CT -> CT the
-source HU clipped to the target window, otherwise the source through both presets) is measured
-the same way, so the table shows what the model adds. No Lightning here.
+A front end of the application layer: every case of the chosen split (``cases.model_split``, the
+split training made) is read by ``cases.read_case`` and translated by ``app.run_translation`` (the
+same volume translation users get: source preset, the training's slice spec, batched slices,
+target preset inverse) with its reference. Metrics (``metrics.roi_metrics``: MAE, PSNR, SSIM,
+RMSE in physical units; SynthRAD2023 conventions with the -1024..3000 HU range for CT targets)
+cover the regions of ``regions.metric_regions`` (whole, body, the model's ROIs). The *identity*
+baseline (``engine.identity_baseline``: the source with no model, in the target's units -- for
+CT -> CT the source HU themselves, otherwise the source through both presets) is measured the
+same way, so the table shows what the model adds. No Lightning here.
 """
 
 from __future__ import annotations
@@ -22,61 +23,42 @@ from typing import Any
 
 import numpy as np
 
+from . import app
 from . import data as mdata
-from . import io as mio
-from .engine import VolumeTranslator
+from .cases import SPLITS, Case, case_files, model_split, read_case
 from .intensity import preset_from_config
+from .regions import BODY, DEFAULT_ROIS, metric_regions, ordered_regions
 
-__all__ = ["REGIONS", "METRICS", "CaseVolumes", "EvaluationResult", "load_case", "evaluate_case",
-           "evaluate_bundle", "summarise", "write_table", "case_figure"]
+__all__ = ["REGIONS", "METRICS", "EvaluationResult", "load_case", "evaluate_case", "evaluate_bundle",
+           "summarise", "write_table", "case_figure", "bundle_split"]
 
-#: Regions of the table, in order (a case without a tumour has no tumour rows).
-REGIONS = ("whole", "body", "liver", "tumor")
+#: Regions of the table for the default ROIs (``regions.metric_regions``; a case without a tumour
+#: has no tumour rows).
+REGIONS = metric_regions(DEFAULT_ROIS)
 METRICS = ("mae", "psnr", "ssim", "rmse")
 
 
 # ---------------------------------------------------------------------------------------------
 # one case
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class CaseVolumes:
-    """A case read for evaluation. Masks are (z, y, x) bool on the source grid; the reference is
-    resampled onto it when its geometry differs."""
-
-    name: str
-    source: mio.Volume
-    reference: mio.Volume
-    masks: dict[str, np.ndarray]  # "body", "liver", "tumor"
-
-
-def load_case(case: Path, source: str, target: str) -> CaseVolumes:
-    """Read source, reference and masks (body from ``labels``, else from the source's
-    intensities; missing liver / tumour masks are empty) of a case folder."""
-    paths = {}
-    for stem in (source, target):
-        path = mdata.find_volume_file(case, stem)
-        if path is None:
-            raise ValueError(f"{case}: no {stem!r} volume")
-        paths[stem] = path
-    src = mio.read_volume(paths[source])
-    ref = mio.read_volume(paths[target])
-    if not ref.same_geometry(src, atol=1e-4):
-        ref = mio.resample_like(ref, src, interpolation="linear", default=float(ref.array.min()))
-    masks = {}
-    labels = mdata.find_volume_file(case, mdata.BODY_LABELS)
-    masks["body"] = mio.read_mask(labels, like=src).array > 0.5 if labels is not None else mdata.body_mask(src)
-    for name in ("liver", "tumor"):
-        path = mdata.find_volume_file(case, name)
-        masks[name] = mio.read_mask(path, like=src).array > 0.5 if path is not None else np.zeros(src.shape, bool)
-    return CaseVolumes(case.name, src, ref, masks)
+def load_case(case: Path, source: str, target: str, roi_names: Sequence[str] = DEFAULT_ROIS) -> Case:
+    """Read source, reference and masks of a case folder (``cases.read_case``); a case without a
+    body label map gets one from the source's intensities (``data.body_mask``)."""
+    files = case_files(case, source, target, roi_names)
+    if files.reference is None:
+        raise ValueError(f"{case}: no {target!r} volume")
+    loaded = read_case(files)
+    if BODY not in loaded.masks:
+        loaded.masks[BODY] = mdata.body_mask(loaded.source)
+    return loaded
 
 
-def evaluate_case(translator: VolumeTranslator, case: CaseVolumes, *, steps: int | None = None,
-                  seed: int = 0, num_samples: int = 1) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Translate one case (stochastic methods: the mean of ``num_samples`` samples); returns (synthetic (z, y, x) in physical units, table rows
-    {case, method, region, mae, psnr, ssim, rmse} for "model" and "identity")."""
-    result = translator.translate(case.source, masks=case.masks, reference=case.reference, steps=steps,
-                                  seed=seed, num_samples=num_samples)
+def evaluate_case(options: app.TranslationOptions, case: Case, *, cache: app.ModelCache | None = None
+                  ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Translate one case (stochastic methods: the mean of ``options.num_samples`` samples);
+    returns (synthetic (z, y, x) in physical units, table rows {case, method, region, mae, psnr,
+    ssim, rmse} for "model" and "identity")."""
+    result = app.run_translation(app.TranslationRequest(case, options), cache=cache).result
     rows = []
     for name, table in (("model", result.metrics), ("identity", result.baseline_metrics)):
         for region, values in (table or {}).items():
@@ -95,10 +77,10 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method"], row["region"]), []).append(row)
-    order = {r: i for i, r in enumerate(REGIONS)}
+    order = {r: i for i, r in enumerate(ordered_regions([r["region"] for r in rows]))}
     out = []
     for (method, region), items in sorted(groups.items(), key=lambda kv: (kv[0][0] != "model", kv[0][0],
-                                                                          order.get(kv[0][1], 99))):
+                                                                          order[kv[0][1]])):
         entry: dict[str, Any] = {"method": method, "region": region, "n": len(items)}
         for m in METRICS:
             values = np.array([float(r[m]) for r in items])
@@ -127,7 +109,7 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str,
     digits = {"mae": 2, "psnr": 2, "ssim": 4, "rmse": 2}
     lines = [f"# {title}", "",
              f"MAE and RMSE in {units}; PSNR in dB; SSIM unitless. Mean ± sd over cases. *identity*: the "
-             f"source with no model, in the target's units (CT -> CT: clipped to the target window; "
+             f"source with no model, in the target's units (CT -> CT: the source HU themselves; "
              f"otherwise mapped through both intensity presets).", "",
              "| method | region | cases | MAE | PSNR | SSIM | RMSE |", "|---|---|---:|---:|---:|---:|---:|"]
     for s in summarise(rows):
@@ -142,19 +124,23 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: Path, *, title: str,
     return csv_path, md_path
 
 
-def _display_slice(masks: Mapping[str, np.ndarray], axis: int) -> int:
-    """Slice index with the largest tumour + liver area (else body, else the middle)."""
+def _display_slice(masks: Mapping[str, np.ndarray], axis: int, roi_names: Sequence[str] = DEFAULT_ROIS) -> int:
+    """Slice index with the largest ROI area, later (smaller) ROIs weighted 4x each (the tumour
+    before the liver); else the body; else the middle."""
     other = tuple(a for a in range(3) if a != axis)
-    for mask in (masks["tumor"].astype(np.int64) * 4 + masks["liver"], masks["body"]):
+    shape = masks[BODY].shape
+    rois = sum((np.asarray(masks[r], np.int64) * 4 ** i for i, r in enumerate(roi_names) if r in masks),
+               np.zeros(shape, np.int64))
+    for mask in (rois, masks[BODY]):
         areas = np.asarray(mask).sum(axis=other)
         if areas.any():
             return int(np.argmax(areas))
-    return masks["body"].shape[axis] // 2
+    return shape[axis] // 2
 
 
-def case_figure(case: CaseVolumes, synthetic: np.ndarray, path: Path, *, axis: int = 0,
+def case_figure(case: Case, synthetic: np.ndarray, path: Path, *, axis: int = 0,
                 windows: tuple[tuple[float, float], tuple[float, float]] | None = None, units: str = "",
-                row: Mapping[str, Any] | None = None) -> Path:
+                row: Mapping[str, Any] | None = None, roi_names: Sequence[str] = DEFAULT_ROIS) -> Path:
     """PNG: source | synthetic | reference | |synthetic - reference| (heatmap with colour bar)
     at the slice of :func:`_display_slice`. ``windows``: (source, target) display ranges
     (default: 1st-99th percentiles); synthetic and reference share the target window."""
@@ -163,12 +149,12 @@ def case_figure(case: CaseVolumes, synthetic: np.ndarray, path: Path, *, axis: i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = _display_slice(case.masks, axis)
+    k = _display_slice(case.masks, axis, roi_names)
 
     def take(a: np.ndarray) -> np.ndarray:
         return np.take(np.asarray(a), k, axis=axis)
 
-    src, syn, ref, body = take(case.source.array), take(synthetic), take(case.reference.array), take(case.masks["body"])
+    src, syn, ref, body = take(case.source.array), take(synthetic), take(case.reference.array), take(case.masks[BODY])
     diff = np.abs(syn - ref)
     if windows is None:
         windows = (tuple(np.percentile(src, (1, 99))), tuple(np.percentile(ref, (1, 99))))
@@ -205,25 +191,37 @@ class EvaluationResult:
     figures: list[Path] = field(default_factory=list)
 
 
-def _split_cases(root: Path, split: str, source: str, target: str, training: Mapping[str, Any],
-                 bundle_path: Path) -> list[Path]:
+def bundle_split(meta: Any, root: Path, split: str, bundle_path: Any = "the bundle") -> list[Path]:
+    """The case folders of ``split`` ("train", "val", "test" or "all") under ``root`` as the
+    bundle's training split them (``cases.model_split`` with the bundle's ratios, seed and
+    pairing), keeping those that hold both the source and the target volume."""
+    from .cases import find_cases
+    from .methods import get_method_class
+
+    source, target = meta.source.modality, meta.target.modality
+    training = meta.training if isinstance(meta.training, Mapping) else {}
+    info = training.get("data", {}) or {}
+    config_data = (training.get("config") or {}).get("data") or {}
+    paired = info.get("paired", config_data.get("paired"))
+    if paired is None:
+        paired = get_method_class(meta.method).paired
+    ratios = info.get("split", (7, 1, 2))
+    seed = info.get("split_seed", 0)
     try:
-        cases = mdata.find_cases(root, required=(source, target))
+        if split == "all":
+            chosen = find_cases(root, required=(source, target))
+        else:
+            chosen = model_split(root, source, target, paired=bool(paired), ratios=ratios, seed=seed)[split]
     except ValueError as exc:
         if not Path(root).is_dir():
             raise
         raise ValueError(f"{root}: no case has the {source!r} and {target!r} volumes that bundle "
                          f"{bundle_path} translates") from exc
-    if split == "all":
-        return cases
-    info = training.get("data", {}) if isinstance(training, Mapping) else {}
-    ratios = info.get("split", (7, 1, 2))
-    seed = info.get("split_seed", 0)
-    chosen = mdata.split_cases(cases, ratios=ratios, seed=seed)[split]
-    if not chosen:
-        raise ValueError(f"{root}: the {split} split (ratios {list(ratios)}, seed {seed}) of its {len(cases)} "
-                         f"cases is empty; use --split all or more cases")
-    return chosen
+    usable = [c for c in chosen if all(mdata.find_volume_file(c, s) is not None for s in (source, target))]
+    if not usable:
+        raise ValueError(f"{root}: the {split} split (ratios {list(ratios)}, seed {seed}) of its cases holds no case "
+                         f"with both {source!r} and {target!r}; use --split all or more cases")
+    return usable
 
 
 def evaluate_bundle(bundle_path: str | os.PathLike, data_root: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -234,37 +232,37 @@ def evaluate_bundle(bundle_path: str | os.PathLike, data_root: str | os.PathLike
     """Evaluate a bundle on ``split`` ("train", "val", "test" as the bundle's training split them
     with its split ratios and seed, or "all") of the cases under ``data_root``; writes
     ``metrics.csv``, ``metrics.md`` and ``figures/<case>.png`` into ``out_dir``."""
-    from .bundle import load_bundle
-
-    if split not in ("train", "val", "test", "all"):
+    if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be train, val, test or all, got {split!r}")
-    bundle = load_bundle(bundle_path)
-    translator = VolumeTranslator(bundle, device=device, batch_size=batch_size, baseline_metrics=True)
-    meta = bundle.meta
+    options = app.TranslationOptions(model=str(bundle_path), device=device, steps=steps, num_samples=num_samples,
+                                     seed=seed, batch_size=batch_size)
+    cache = app.ModelCache()
+    translator = cache.get(options)
+    meta = translator.bundle.meta
+    roi_names = translator.roi_names
     root, out = Path(data_root), Path(out_dir)
-    cases = _split_cases(root, split, meta.source.modality, meta.target.modality, meta.training, Path(bundle_path))
+    cases = bundle_split(meta, root, split, bundle_path)
     if max_cases is not None:
         cases = cases[:max_cases]
-    target_is_ct = preset_from_config(meta.target.preset).kind == "ct_window"
-    units = "HU" if target_is_ct else f"{meta.target.modality} units"
+    units = translator.target_preset.UNITS
     rows: list[dict[str, Any]] = []
     pictures: list[Path] = []
     for case_path in cases:
-        case = load_case(case_path, meta.source.modality, meta.target.modality)
-        synthetic, case_rows = evaluate_case(translator, case, steps=steps, seed=seed, num_samples=num_samples)
+        case = load_case(case_path, meta.source.modality, meta.target.modality, roi_names)
+        synthetic, case_rows = evaluate_case(options, case, cache=cache)
         rows.extend(case_rows)
         if figures:
             # display windows only (metrics never see the reference's statistics)
             windows = (preset_from_config(meta.source.preset).fit(case.source.array).physical_range,
                        preset_from_config(meta.target.preset).fit(case.reference.array).physical_range)
-            body_row = next((r for r in case_rows if r["method"] == "model" and r["region"] == "body"), None)
+            body_row = next((r for r in case_rows if r["method"] == "model" and r["region"] == BODY), None)
             pictures.append(case_figure(case, synthetic, out / "figures" / f"{case.name}.png", axis=translator.axis,
-                                        windows=windows, units=units, row=body_row))
+                                        windows=windows, units=units, row=body_row, roi_names=roi_names))
         if log is not None:
-            body = [r for r in case_rows if r["region"] == "body"]
+            body = [r for r in case_rows if r["region"] == BODY]
             log(f"{case.name}: " + "; ".join(f"{r['method']} body MAE {r['mae']:.2f} {units}" for r in body))
     title = f"{meta.method}: {meta.source.modality} → {meta.target.modality}, {len(cases)} case(s) of the {split} split"
-    if translator.method.stochastic:
+    if translator.capabilities.stochastic:
         title += f", {steps or 'default'} steps, mean of {num_samples} sample(s), seed {seed}"
     csv_path, md_path = write_table(rows, out, title=title, units=units)
     return EvaluationResult(rows, summarise(rows), csv_path, md_path, pictures)

@@ -8,7 +8,8 @@ inverse can put a synthetic image back into the units of the volume it came from
 Kinds (``preset_from_config`` names in brackets):
 
 - ``ct_window`` (``ct_abdomen`` 40/400, ``ct_angio`` 200/1000, ``ct_lung`` -600/1500,
-  ``ct_bone`` 400/1800, ``ct_brain`` 40/80, ``ct_full`` -1024..3000 = the SynthRAD range):
+  ``ct_bone`` 400/1800, ``ct_brain`` 40/80, ``ct_full`` -1024..3000 = the SynthRAD range,
+  ``ct_wide`` -1024..1024, the narrowest that holds air and bone, ``HU_LANDMARKS``):
   clip to [level - width/2, level + width/2], then linear to [-1, 1].
 - ``mr_percentile``: [p_low, p_high] percentiles (default 0.5 / 99.5) of the foreground -> [-1, 1].
 - ``mr_zscore``: (x - mean) / std over the foreground, clipped to +-k (default 3), divided by k.
@@ -36,6 +37,7 @@ __all__ = [
     "MRZScore",
     "PETSUV",
     "NAMED_PRESETS",
+    "HU_LANDMARKS",
     "PRESET_KINDS",
     "preset_from_config",
 ]
@@ -107,6 +109,11 @@ def _check_number(name: str, value, kind: str) -> float:
 # ---------------------------------------------------------------------------------------------
 # presets
 # ---------------------------------------------------------------------------------------------
+#: Tissues a CT window must represent so that whole-volume results mean something: air (-1000 HU,
+#: the scale's anchor) and bone (+1000 HU, the textbook value of dense bone; the phantom's
+#: cortical shell is 1100 HU, its mixed posterior elements 450 HU).
+HU_LANDMARKS: dict[str, float] = {"air": -1000.0, "bone": 1000.0}
+
 @dataclass
 class IntensityPreset:
     """Base class: maps physical units to [-1, 1] (``forward``) and back (``inverse``)."""
@@ -114,6 +121,12 @@ class IntensityPreset:
     KIND: ClassVar[str] = ""
     #: fields filled by ``fit`` (None until then); empty for data-independent presets.
     STAT_FIELDS: ClassVar[tuple[str, ...]] = ()
+    #: physical units of the mapped images, for tables and colour bars.
+    UNITS: ClassVar[str] = "a.u."
+    #: DICOM Modality (0008,0060) of images in these units.
+    DICOM_MODALITY: ClassVar[str] = "OT"
+    #: True when the units are Hounsfield units (metrics then use the SynthRAD2023 HU range).
+    HOUNSFIELD: ClassVar[bool] = False
 
     name: str | None = None
 
@@ -169,6 +182,16 @@ class IntensityPreset:
         """The physical values mapped to -1 and +1."""
         return self._window()
 
+    def same_units(self, other: IntensityPreset) -> bool:
+        """True when ``other`` maps images in the same physical units (HU and HU): an image in
+        one can be compared with an image in the other without any mapping."""
+        return self.HOUNSFIELD and other.HOUNSFIELD
+
+    def clipped_landmarks(self) -> list[str]:
+        """Landmark tissues of these units (``HU_LANDMARKS`` for CT) that the window cannot
+        represent, e.g. ``["bone (1000 HU)"]`` for the abdomen window; empty when none."""
+        return []
+
     def to_config(self) -> dict[str, Any]:
         """YAML-serialisable dict (plain floats/str/bool); includes fitted statistics if any."""
         cfg: dict[str, Any] = {"kind": self.KIND}
@@ -197,6 +220,9 @@ class CTWindow(IntensityPreset):
     """CT window: [level - width/2, level + width/2] HU -> [-1, 1]."""
 
     KIND: ClassVar[str] = "ct_window"
+    UNITS: ClassVar[str] = "HU"
+    DICOM_MODALITY: ClassVar[str] = "CT"
+    HOUNSFIELD: ClassVar[bool] = True
 
     level: float = 40.0
     width: float = 400.0
@@ -204,6 +230,10 @@ class CTWindow(IntensityPreset):
     def _validate(self) -> None:
         if self.width <= 0:
             raise ValueError(f"{self.KIND}: width must be positive, got {self.width}")
+
+    def clipped_landmarks(self) -> list[str]:
+        lo, hi = self._window()
+        return [f"{name} ({value:g} HU)" for name, value in HU_LANDMARKS.items() if not lo <= value <= hi]
 
     def _window(self) -> tuple[float, float]:
         return self.level - self.width / 2.0, self.level + self.width / 2.0
@@ -217,6 +247,7 @@ class MRPercentile(IntensityPreset):
     ``ignore_zeros`` is false or every voxel is zero)."""
 
     KIND: ClassVar[str] = "mr_percentile"
+    DICOM_MODALITY: ClassVar[str] = "MR"
     STAT_FIELDS: ClassVar[tuple[str, ...]] = ("lower", "upper")
 
     p_low: float = 0.5
@@ -250,6 +281,7 @@ class MRZScore(IntensityPreset):
     """MR z-score: (x - mean) / std of the foreground, clipped to +-k, divided by k -> [-1, 1]."""
 
     KIND: ClassVar[str] = "mr_zscore"
+    DICOM_MODALITY: ClassVar[str] = "MR"
     STAT_FIELDS: ClassVar[tuple[str, ...]] = ("mean", "std")
 
     k: float = 3.0
@@ -283,6 +315,8 @@ class PETSUV(IntensityPreset):
     """PET: SUV = ``x * scale`` clipped to [0, max_suv] -> [-1, 1]; inverse returns ``x`` units."""
 
     KIND: ClassVar[str] = "pet_suv"
+    UNITS: ClassVar[str] = "SUV"
+    DICOM_MODALITY: ClassVar[str] = "PT"
 
     max_suv: float = 20.0
     scale: float = 1.0
@@ -310,6 +344,7 @@ NAMED_PRESETS: dict[str, dict[str, Any]] = {
     "ct_bone": {"kind": "ct_window", "level": 400.0, "width": 1800.0},
     "ct_brain": {"kind": "ct_window", "level": 40.0, "width": 80.0},
     "ct_full": {"kind": "ct_window", "level": 988.0, "width": 4024.0},  # -1024 .. 3000 HU
+    "ct_wide": {"kind": "ct_window", "level": 0.0, "width": 2048.0},  # -1024 .. 1024 HU: air and bone
     "mr_percentile": {"kind": "mr_percentile"},
     "mr_zscore": {"kind": "mr_zscore"},
     "pet_suv": {"kind": "pet_suv"},

@@ -27,6 +27,7 @@ from .bundle import (
     read_bundle_files,
     read_bundle_meta,
 )
+from .io import replace_dir
 
 __all__ = ["ModelInfo", "models_dir", "bundled_models_dir", "list_models", "find_model", "import_model"]
 
@@ -146,14 +147,7 @@ def import_model(path: str | Path, name: str | None = None, *, overwrite: bool =
     try:
         (tmp / META_NAME).write_bytes(meta_bytes)
         (tmp / WEIGHTS_NAME).write_bytes(weights)
-        if dest.exists():
-            old = dest_root / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_dir(tmp, dest)  # the old model comes back if the swap fails
         if zip_twin.exists():
             zip_twin.unlink()
     except BaseException:

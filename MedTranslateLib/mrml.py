@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import threading
 import xml.sax.saxutils as saxutils
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,7 +39,23 @@ import vtk
 from vtk.util import numpy_support
 
 from . import io as mio
+from .app import (
+    ModelCache,
+    ModelChoice,
+    TranslationOptions,
+    TranslationRequest,
+    UserError,
+    model_choices,
+    readable_error,
+    run_translation,
+)
 from .maps import symmetric_limit
+from .modality import from_dicom, modality_family, modality_label, model_fits
+from .regions import DEFAULT_ROIS, ordered_regions
+from .runtime import device_choices
+
+#: The model cache of the previous name (kept importable).
+TranslatorCache = ModelCache
 
 __all__ = [
     "ATTRIBUTE_PREFIX", "SYNTHETIC_ATTRIBUTE", "MODALITY_ATTRIBUTE", "ROLE_ATTRIBUTE",
@@ -50,7 +64,7 @@ __all__ = [
     "mask_choices", "default_mask_choice", "mask_from_node",
     "source_modality", "modality_family", "modality_label", "model_fits",
     "missing_dependencies", "dependency_requirements", "device_choices", "ModelChoice", "model_choices",
-    "check_inputs", "TranslationOptions", "TranslationRequest", "read_request", "run_request",
+    "check_inputs", "TranslationOptions", "TranslationRequest", "read_request",
     "TranslatorCache", "TranslationRun", "translate_nodes",
     "ResultNodes", "result_name", "add_result_nodes", "metrics_summary", "difference_color_node",
     "uncertainty_color_node", "result_layout_xml", "result_view_assignments", "show_results",
@@ -75,7 +89,6 @@ DEPENDENCIES: tuple[tuple[str, str], ...] = (
 )
 
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS <-> LPS (its own inverse)
-_REGIONS = ("whole", "body", "liver", "tumor")
 _METRIC_COLUMNS = (("MAE", "mae"), ("PSNR", "psnr"), ("SSIM", "ssim"), ("RMSE", "rmse"))
 
 
@@ -322,15 +335,8 @@ def mask_from_node(node: Any, key: str, like: mio.Volume, *, frame_node: Any | N
 
 
 # ---------------------------------------------------------------------------------------------
-# modalities, models, devices, dependencies
+# modalities, dependencies (model lists, options and errors: ``app``; names: ``modality``)
 # ---------------------------------------------------------------------------------------------
-_DICOM_MODALITIES = {"CT": "ct", "MR": "mr", "PT": "pet", "NM": "pet"}
-_MODALITY_LABELS = {
-    "ct": "CT", "cta": "CTA", "cta_arterial": "CTA (arterial)", "cta_portal": "CT (portal venous)",
-    "mr": "MR", "t1": "T1", "t1_post": "T1 post-contrast", "t2": "T2", "pet": "PET", "cbct": "CBCT",
-}
-
-
 def source_modality(node: Any) -> str | None:
     """What the volume is, as far as the scene says: the ``MedTranslate.Modality`` attribute, then
     the DICOM modality (node or subject-hierarchy item attribute ``DICOM.Modality``); None when
@@ -349,38 +355,8 @@ def source_modality(node: Any) -> str | None:
             dicom = sh.GetItemAttribute(item, DICOM_MODALITY_ATTRIBUTE) or sh.GetItemAttribute(
                 sh.GetItemParent(item), DICOM_MODALITY_ATTRIBUTE)
     if dicom:
-        return _DICOM_MODALITIES.get(dicom.strip().upper(), dicom.strip().lower())
+        return from_dicom(dicom)
     return None
-
-
-def modality_family(modality: str | None) -> str | None:
-    """``ct``/``cta_*`` -> ct, ``mr*``/``t1*``/``t2*``/``flair`` -> mr, ``pet``/``pt`` -> pet."""
-    if not modality:
-        return None
-    m = modality.strip().lower()
-    if m.startswith("cbct"):
-        return "cbct"
-    if m.startswith("ct"):
-        return "ct"
-    if m.startswith(("mr", "t1", "t2", "flair", "dwi", "pd")):
-        return "mr"
-    if m in ("pet", "pt") or m.startswith("pet"):
-        return "pet"
-    return m
-
-
-def modality_label(modality: str | None) -> str:
-    """Readable name: ``cta_arterial`` -> ``CTA (arterial)``; unknown names are returned as is."""
-    if not modality:
-        return "?"
-    return _MODALITY_LABELS.get(modality.lower(), modality)
-
-
-def model_fits(model_source: str | None, volume_modality: str | None) -> bool:
-    """Can a model trained on ``model_source`` images take a ``volume_modality`` volume? True when
-    either is unknown."""
-    a, b = modality_family(model_source), modality_family(volume_modality)
-    return a is None or b is None or a in ("?", "unknown") or a == b
 
 
 def missing_dependencies(find_spec: Callable[[str], Any] = importlib.util.find_spec) -> list[str]:
@@ -403,74 +379,6 @@ def dependency_requirements(missing: Sequence[str]) -> tuple[bool, list[str]]:
     return torch_missing, [r for r in missing if r.split(">")[0].split("=")[0].strip() != "torch"]
 
 
-def device_choices() -> list[tuple[str, str]]:
-    """``[(label, device spec)]``: auto, CPU, and every CUDA GPU by name and memory."""
-    import torch
-
-    gpus = []
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            gpus.append((f"GPU {index}: {props.name} ({props.total_memory / 2**30:.0f} GB)", f"cuda:{index}"))
-    auto = f"Auto ({gpus[0][0]})" if gpus else "Auto (CPU: no CUDA GPU found)"
-    return [(auto, "auto"), ("CPU", "cpu"), *gpus]
-
-
-@dataclass
-class ModelChoice:
-    """One entry of the model list."""
-
-    name: str
-    label: str
-    method: str = "?"
-    source: str = "?"
-    target: str = "?"
-    origin: str = "bundled"
-    path: str = ""
-    fits: bool = True
-    error: str | None = None
-    steps: bool = False  # the method samples (diffusion): sampling steps / samples apply
-
-
-_SAMPLING_METHODS = ("bbdm", "lbbdm", "resshift", "c2fmit", "rlbcd", "dfbk", "ddpm", "diffusion")
-
-
-def _samples(info: Any) -> bool:
-    """Do sampling steps / several samples apply to this model? (the method class says
-    ``stochastic``, or the bundle enables test-time dropout)."""
-    try:
-        from .methods import get_method_class
-
-        method_class = get_method_class(info.method)
-    except (ImportError, KeyError, ValueError):
-        return info.method.lower() in _SAMPLING_METHODS
-    architecture = getattr(info.meta, "architecture", None) or {}
-    return bool(getattr(method_class, "stochastic", False) or architecture.get("test_time_dropout", False))
-
-
-def model_choices(volume_modality: str | None = None, models: Sequence[Any] | None = None) -> list[ModelChoice]:
-    """Models of ``model_store.list_models()`` (user first, then bundled) that fit the source
-    modality (all of them when it is unknown); broken bundles are listed with their error."""
-    if models is None:
-        from .model_store import list_models
-
-        models = list_models()
-    out = []
-    for info in models:
-        if info.error:
-            out.append(ModelChoice(info.name, f"{info.name} (cannot be read)", origin=info.origin,
-                                   path=str(info.path), fits=True, error=info.error))
-            continue
-        fits = model_fits(info.source, volume_modality)
-        if not fits:
-            continue
-        label = (f"{info.name} — {info.method}, {modality_label(info.source)} → {modality_label(info.target)}"
-                 f"{' (user)' if info.origin == 'user' else ''}")
-        out.append(ModelChoice(info.name, label, info.method, info.source, info.target, info.origin,
-                               str(info.path), fits, None, _samples(info)))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # validation
 # ---------------------------------------------------------------------------------------------
@@ -484,10 +392,11 @@ def check_inputs(source_node: Any, *, model: ModelChoice | None = None, dependen
         return False, f"The source volume '{_name(source_node)}' has no image data."
     if reference_node is not None and reference_node.GetID() == source_node.GetID():
         return False, "The reference must be another volume than the source (or none)."
-    for role, choice in (("liver", liver), ("tumor", tumor)):
-        if choice is not None and choice[0] is not None and not choice[1]:
+    rois = _roi_choices(liver, tumor, model)
+    for role, choice in rois.items():
+        if choice[0] is not None and not choice[1]:
             return False, f"Select the {role} segment of '{_name(choice[0])}' (or no {role} mask)."
-    has_roi = any(c is not None and c[0] is not None for c in (liver, tumor))
+    has_roi = any(c[0] is not None for c in rois.values())
     if roi_only and not has_roi:
         return False, "'Only slices with the ROI' needs a liver or tumor mask."
     if dependencies_missing:
@@ -504,138 +413,66 @@ def check_inputs(source_node: Any, *, model: ModelChoice | None = None, dependen
 
 
 # ---------------------------------------------------------------------------------------------
-# running
+# running (the application layer does the work; this reads nodes and adds result nodes)
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class TranslationOptions:
-    """What to run: model (name or bundle path), device ("auto" | "cpu" | "cuda:N"), sampling
-    steps (None = the method's default) and samples, seed (None = random), ROI-only slices."""
-
-    model: str
-    device: str = "auto"
-    steps: int | None = None
-    num_samples: int = 1
-    seed: int | None = None
-    roi_only: bool = False
-    roi_margin: int = 4
-    batch_size: int | str = "auto"
-    precision: str = "auto"
-
-
-@dataclass
-class TranslationRequest:
-    """The inputs read from the scene: plain data only, safe to hand to a worker thread."""
-
-    source: mio.Volume
-    options: TranslationOptions
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
-    reference: mio.Volume | None = None
-    source_name: str = ""
+def _roi_choices(liver: Any, tumor: Any, model: Any = None) -> dict[str, tuple[Any, str | None]]:
+    """The panel's two mask selectors by the model's ROI names (its first two; liver and tumor
+    by default): {roi name: (node, segment / label key)}."""
+    names = tuple(getattr(model, "rois", None) or DEFAULT_ROIS)
+    names = (names + DEFAULT_ROIS)[:2] if len(names) < 2 else names[:2]
+    return {name: choice for name, choice in zip(names, (liver, tumor), strict=True)
+            if choice is not None and choice[0] is not None}
 
 
 def read_request(source_node: Any, options: TranslationOptions, *, liver: tuple[Any, str] | None = None,
-                 tumor: tuple[Any, str] | None = None, reference_node: Any | None = None) -> TranslationRequest:
-    """Read the source, the masks (``(node, key)``, on the source grid) and the reference (in the
-    source's frame) from their nodes. Nodes are only read."""
+                 tumor: tuple[Any, str] | None = None, reference_node: Any | None = None,
+                 model: Any = None) -> TranslationRequest:
+    """Read the source, the masks (``(node, key)``, on the source grid; named by the model's ROI
+    names) and the reference (in the source's frame) from their nodes into an application
+    ``TranslationRequest``. Nodes are only read."""
+    from .cases import Case
+
     source = volume_from_node(source_node)
     masks = {}
-    for role, choice in (("liver", liver), ("tumor", tumor)):
-        if choice is not None and choice[0] is not None:
-            node, key = choice
-            if not key:
-                raise ValueError(f"{_name(node)}: choose which segment is the {role}")
-            masks[role] = mask_from_node(node, key, source, frame_node=source_node)
+    for role, (node, key) in _roi_choices(liver, tumor, model).items():
+        if not key:
+            raise ValueError(f"{_name(node)}: choose which segment is the {role}")
+        masks[role] = mask_from_node(node, key, source, frame_node=source_node)
     if options.roi_only and not masks:
-        raise ValueError("'Only slices with the ROI' needs a liver or tumor mask")
+        raise UserError("'Only slices with the ROI' needs an ROI mask (e.g. the liver or tumor)")
     reference = None
     if reference_node is not None:
         reference = volume_from_node(reference_node, frame_node=source_node)
-    return TranslationRequest(source, options, masks, reference, _name(source_node))
-
-
-def run_request(request: TranslationRequest, translator: Any, progress: Callable | None = None,
-                cancel: Any = None) -> Any:
-    """``translator.translate`` on a request (any thread). ROI-only: the slices holding the liver
-    or tumor (+- ``roi_margin``) along the model's slicing axis."""
-    from .engine import mask_slice_range
-
-    opts = request.options
-    slice_range = None
-    if opts.roi_only:
-        roi = np.zeros(request.source.shape, dtype=bool)
-        for mask in request.masks.values():
-            roi |= mask
-        slice_range = mask_slice_range(roi, translator.axis, int(opts.roi_margin))
-        if slice_range is None:
-            raise ValueError(f"{request.source_name}: the liver/tumor masks are empty: no ROI slices to translate")
-    return translator.translate(request.source, masks=request.masks or None, reference=request.reference,
-                                steps=opts.steps or None, num_samples=int(opts.num_samples),
-                                seed=opts.seed, slice_range=slice_range, progress=progress, cancel=cancel)
-
-
-class TranslatorCache:
-    """Keeps the last loaded ``VolumeTranslator`` (model load + transfer to GPU happen once)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._key: tuple | None = None
-        self._translator: Any = None
-
-    def get(self, options: TranslationOptions) -> Any:
-        from .engine import VolumeTranslator
-        from .model_store import find_model
-
-        path = Path(find_model(options.model)).resolve()
-        try:
-            stamp = max(p.stat().st_mtime_ns for p in ([path] + (list(path.iterdir()) if path.is_dir() else [])))
-        except OSError:
-            stamp = 0
-        key = (str(path), stamp, options.device, options.precision, options.batch_size)
-        with self._lock:
-            if self._key != key:
-                self._translator = None  # release the previous model first (GPU memory)
-                self._translator = VolumeTranslator(path, device=options.device, precision=options.precision,
-                                                    batch_size=options.batch_size)
-                self._key = key
-            return self._translator
-
-    def clear(self) -> None:
-        with self._lock:
-            self._key, self._translator = None, None
-
-
-_DEFAULT_CACHE = TranslatorCache()
+    return TranslationRequest(Case(_name(source_node), source, masks, reference), options)
 
 
 class TranslationRun:
     """One translation: ``__init__`` reads the inputs (GUI thread), ``work`` translates (any
-    thread, touches no node), ``finish`` adds the result nodes (GUI thread)."""
+    thread, touches no node: ``app.run_translation``), ``finish`` adds the result nodes (GUI
+    thread)."""
 
     def __init__(self, scene: Any, source_node: Any, options: TranslationOptions, *,
                  liver: tuple[Any, str] | None = None, tumor: tuple[Any, str] | None = None,
-                 reference_node: Any | None = None, translators: TranslatorCache | None = None) -> None:
+                 reference_node: Any | None = None, translators: ModelCache | None = None,
+                 model: Any = None) -> None:
         if source_node is None:
             raise ValueError("select a source volume")
         self.scene = scene
         self.source_node = source_node
         self.reference_node = reference_node
         self.options = options
-        self.request = read_request(source_node, options, liver=liver, tumor=tumor, reference_node=reference_node)
-        self.translators = translators if translators is not None else _DEFAULT_CACHE
+        self.request = read_request(source_node, options, liver=liver, tumor=tumor, reference_node=reference_node,
+                                    model=model)
+        self.translators = translators
         self.translator: Any = None
 
     def work(self, progress: Callable | None = None, cancel: Any = None,
              message: Callable[[str], None] | None = None) -> Any:
-        from .engine import TranslationCancelled
-
-        if message:
-            message("Loading model")
-        self.translator = self.translators.get(self.options)
-        if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
-            raise TranslationCancelled("translation cancelled")
-        if message:
-            message("Translating")
-        return run_request(self.request, self.translator, progress, cancel)
+        """The engine's ``Result`` (``self.translator`` is the model it came from)."""
+        outcome = run_translation(self.request, cache=self.translators, progress=progress, cancel=cancel,
+                                  message=message)
+        self.translator = outcome.translator
+        return outcome.result
 
     def job(self) -> Any:
         """A ``worker.Job`` running ``work`` (start it, poll it, then call ``finish(job.result)``)."""
@@ -655,21 +492,18 @@ class TranslationRun:
         if self.translator is None:
             raise RuntimeError("TranslationRun.finish before work")
         meta = self.translator.bundle.meta
-        model = Path(self.translator.bundle.path).name
-        if model.lower().endswith(".zip"):
-            model = model[:-4]
-        return add_result_nodes(self.scene, self.source_node, result, method=meta.method, model=model,
-                                target=meta.target.modality, reference_node=self.reference_node,
-                                options=self.options)
+        return add_result_nodes(self.scene, self.source_node, result, method=meta.method,
+                                model=self.translator.model_name, target=meta.target.modality,
+                                reference_node=self.reference_node, options=self.options)
 
 
 def translate_nodes(scene: Any, source_node: Any, options: TranslationOptions, *,
                     liver: tuple[Any, str] | None = None, tumor: tuple[Any, str] | None = None,
                     reference_node: Any | None = None, progress: Callable | None = None, cancel: Any = None,
-                    translators: TranslatorCache | None = None) -> ResultNodes:
+                    translators: ModelCache | None = None, model: Any = None) -> ResultNodes:
     """The whole flow on the calling thread (Python console, tests)."""
     run = TranslationRun(scene, source_node, options, liver=liver, tumor=tumor, reference_node=reference_node,
-                         translators=translators)
+                         translators=translators, model=model)
     return run.finish(run.work(progress, cancel))
 
 
@@ -688,6 +522,11 @@ class ResultNodes:
     confidence_table: Any = None
     metrics: dict[str, dict[str, float]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def units(self) -> str:
+        """Units of the synthetic image and the metrics (HU for CT)."""
+        return _unit(self.info)
 
     def nodes(self) -> list[Any]:
         return [n for n in (self.synthetic, self.difference, self.reference_difference, self.uncertainty,
@@ -783,13 +622,19 @@ def _slab_values(volume: mio.Volume, axis: int, slice_range: tuple[int, int]) ->
     return volume.array[tuple(index)]
 
 
-def _unit(target: str) -> str:
-    return "HU" if modality_family(target) == "ct" else ""
+def _unit(info: dict[str, Any]) -> str:
+    """Units of the synthetic image, from the target preset the engine used (HU for CT)."""
+    from .intensity import preset_from_config
+
+    try:
+        return preset_from_config(info["target_preset"]).UNITS
+    except (KeyError, ValueError, TypeError):
+        return ""
 
 
 def _metrics_table(scene: Any, name: str, metrics: dict[str, dict[str, float]], unit: str) -> Any:
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    regions = [r for r in _REGIONS if r in metrics] + [r for r in metrics if r not in _REGIONS]
+    regions = ordered_regions(metrics)
     column = vtk.vtkStringArray()
     column.SetName("Region")
     for region in regions:
@@ -937,7 +782,7 @@ def _add_result_nodes(scene, source_node, result, method, model, target, referen
         _display(nodes.uncertainty, top, top / 2.0, uncertainty_color_node(scene, created))
     if result.metrics:
         nodes.metrics_table = _metrics_table(scene, scene.GenerateUniqueName(f"{base} – metrics"), result.metrics,
-                                             _unit(target))
+                                             _unit(info))
         _tag(nodes.metrics_table, "metrics", attributes)
     if result.confidence is not None:
         nodes.confidence_table = _confidence_table(scene, scene.GenerateUniqueName(f"{base} – confidence"),
@@ -954,7 +799,7 @@ def metrics_summary(metrics: dict[str, dict[str, float]] | None, unit: str = "")
         return ""
     lines = []
     suffix = f" {unit}" if unit else ""
-    for region in [r for r in _REGIONS if r in metrics] + [r for r in metrics if r not in _REGIONS]:
+    for region in ordered_regions(metrics):
         m = metrics[region]
         lines.append(f"{region}: MAE {m.get('mae', math.nan):.1f}{suffix}, PSNR {m.get('psnr', math.nan):.1f} dB, "
                      f"SSIM {m.get('ssim', math.nan):.3f}, RMSE {m.get('rmse', math.nan):.1f}{suffix}")
@@ -1091,7 +936,7 @@ def add_phantom_case(scene: Any, case: Any, *, source: str = "ct", reference: st
     segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(source_node)
     segmentation = segmentation_node.GetSegmentation()
-    for name in ("liver", "tumor"):
+    for name in (m for m in case.masks if m in _SEGMENT_COLORS):  # the phantom's ROI masks
         segment = slicer.vtkSegment()
         segment.SetName(name)
         segment.SetColor(*_SEGMENT_COLORS[name])
@@ -1115,25 +960,3 @@ def add_phantom_case(scene: Any, case: Any, *, source: str = "ct", reference: st
                 else:
                     sh.CreateItem(study, node)
     return SampleNodes(source_node, reference_node, segmentation_node)
-
-
-# ---------------------------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------------------------
-def readable_error(error: BaseException) -> str:
-    """One line for the user (the traceback goes to the log)."""
-    name = type(error).__name__
-    text = (str(error).strip().splitlines() or [""])[0]
-    if name == "TranslationCancelled":
-        return "Cancelled: nothing was added to the scene."
-    if name == "OutOfMemoryError" or "out of memory" in text.lower():
-        return ("Out of GPU memory. Close other GPU programs, or choose the CPU (or another GPU) as the "
-                "device and apply again.")
-    if isinstance(error, MemoryError):
-        return "Out of memory: the volume is too large for this computer; try 'Only slices with the ROI'."
-    if isinstance(error, ImportError):
-        missing = getattr(error, "name", None) or text
-        return f"A Python package is missing or broken ({missing}); apply again to install the dependencies."
-    if isinstance(error, ValueError):
-        return text or name
-    return f"Translation failed ({name}): {text}" if text else f"Translation failed ({name})."

@@ -61,8 +61,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import __version__
 from . import data as mdata
+from .cases import model_split
 from .config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from .methods import TranslationMethod, build_method, get_method_class
+from .regions import DEFAULT_ROIS
+from .runtime import Precision, distributed_env
 
 __all__ = [
     "DataConfig",
@@ -73,6 +76,7 @@ __all__ = [
     "load_train_config",
     "case_splits",
     "build_datasets",
+    "build_training_method",
     "StepSampler",
     "EMA",
     "TranslationModule",
@@ -82,7 +86,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "fit",
     "is_global_zero",
-    "resolve_precision",
+    "lightning_precision",
     "CHECKPOINT_NAME",
 ]
 
@@ -112,7 +116,7 @@ class DataConfig:
     roi: str | None = None
     roi_margin: int = 4
     min_foreground: float = 0.0
-    masks: list[str] = field(default_factory=lambda: ["liver", "tumor"])
+    masks: list[str] = field(default_factory=lambda: list(DEFAULT_ROIS))
     split: tuple[float, float, float] = (7.0, 1.0, 2.0)
     split_seed: int = 0
     batch_size: int = 8
@@ -128,7 +132,8 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
     def slice_spec(self) -> mdata.SliceSpec:
-        # the in-plane box margin stays the default: the volume engine crops with the same one
+        """The slicing spec of training; the bundle keeps it whole (``BundleMeta.slice``) and the
+        volume engine slices with it (the in-plane box margin stays the default)."""
         return mdata.SliceSpec(size=self.size, axis=self.axis, roi=self.roi, roi_margin=self.roi_margin,
                                min_foreground=self.min_foreground)
 
@@ -226,7 +231,7 @@ def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
         raise ValueError(f"'method' in {where}: {exc}") from None
     model_cfg = from_dict(cls.Config, cfg.model, where=where, prefix="model")
     cfg.model = to_dict(model_cfg)
-    phases = cls(model_cfg).optimization_phases() if cfg.optim.phases else []
+    phases = build_training_method(cfg).optimization_phases() if cfg.optim.phases else []
     for name in cfg.optim.phases:
         if name not in phases:
             raise ValueError(f"unknown phase 'optim.phases.{name}' in {where}; {cfg.method} phases: "
@@ -238,13 +243,30 @@ def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
 # data
 # ---------------------------------------------------------------------------------------------
 def case_splits(cfg: DataConfig, paired: bool) -> dict[str, list[Path]]:
-    """Case folders under ``cfg.root`` (holding source and target when ``paired``) split into
-    train / val / test by ``data.split_cases`` with ``cfg.split`` and ``cfg.split_seed``."""
-    cases = mdata.find_cases(cfg.root, required=(cfg.source, cfg.target) if paired else ())
-    splits = mdata.split_cases(cases, ratios=cfg.split, seed=cfg.split_seed)
+    """Case folders under ``cfg.root`` split into train / val / test: ``cases.model_split``
+    (the split evaluation uses too) with ``cfg.split`` and ``cfg.split_seed``."""
+    splits = model_split(cfg.root, cfg.source, cfg.target, paired=paired, ratios=cfg.split, seed=cfg.split_seed)
     if not splits["train"]:
-        raise ValueError(f"{cfg.root}: no training cases ({len(cases)} cases, split {list(cfg.split)})")
+        n = sum(len(v) for v in splits.values())
+        raise ValueError(f"{cfg.root}: no training cases ({n} cases, split {list(cfg.split)})")
     return splits
+
+
+def _paired(cfg: TrainConfig) -> bool:
+    """Does this run train on paired slices? ``data.paired``, else the method's default."""
+    return cfg.data.paired if cfg.data.paired is not None else get_method_class(cfg.method).paired
+
+
+def build_training_method(cfg: TrainConfig) -> TranslationMethod:
+    """The method of ``cfg`` with its pretrained parts: every bundle its config names
+    (``pretrained_bundles``, e.g. a latent method's autoencoder) is loaded here and handed to the
+    constructor, so methods never read files."""
+    from .bundle import load_bundle
+
+    cls = get_method_class(cfg.method)
+    config = from_dict(cls.Config, cfg.model, where="config", prefix="model")
+    pretrained = {name: load_bundle(Path(path)).method for name, path in cls.pretrained_bundles(config).items()}
+    return build_method(cfg.method, config, pretrained=pretrained or None)
 
 
 def build_datasets(cfg: DataConfig, paired: bool, splits: Mapping[str, Sequence[Path]],
@@ -556,13 +578,10 @@ def _on_gpu(train: TrainSettings) -> bool:
     return train.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-def resolve_precision(train: TrainSettings) -> str:
-    """``train.precision`` with ``auto`` resolved (bf16-mixed / 16-mixed on GPU, 32-true on CPU)."""
-    if train.precision != "auto":
-        return train.precision
-    if _on_gpu(train):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
+def lightning_precision(train: TrainSettings) -> str:
+    """``train.precision`` as Lightning spells it, ``auto`` resolved (bf16-mixed / 16-mixed on
+    GPU, 32-true on CPU): ``runtime.Precision``."""
+    return Precision.parse(train.precision).lightning(_on_gpu(train), given=train.precision)
 
 
 def _device_count(train: TrainSettings) -> int:
@@ -587,17 +606,17 @@ def _strategy(train: TrainSettings) -> Any:
 
 
 def _env_world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return distributed_env()[1]
 
 
 def _env_rank() -> int:
     """This process's rank as the launcher (Lightning's or torchrun) set it; 0 when alone."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    return distributed_env()[0]
 
 
 def _bundle_meta(cfg: TrainConfig, module: TranslationModule, splits: Mapping[str, Sequence[Path]],
                  datasets: dict[str, Dataset], command: str | None, metrics: dict[str, float]) -> Any:
-    from .bundle import BundleMeta, ModalitySpec, SliceSpec
+    from .bundle import BundleMeta, ModalitySpec
     from .intensity import preset_from_config
 
     d = cfg.data
@@ -607,15 +626,17 @@ def _bundle_meta(cfg: TrainConfig, module: TranslationModule, splits: Mapping[st
         "data": {"root": str(d.root),
                  "cases": {name: [p.name for p in cases] for name, cases in splits.items()},
                  "train_slices": len(datasets["train"]),
-                 "slice_spec": to_dict(d.slice_spec()), "split": list(d.split), "split_seed": d.split_seed},
+                 "slice_spec": to_dict(d.slice_spec()), "split": list(d.split), "split_seed": d.split_seed,
+                 "paired": _paired(cfg), "masks": list(d.masks)},
         "ema": module.ema is not None,
-        "precision": resolve_precision(cfg.train),
+        "precision": lightning_precision(cfg.train),
         "config": to_dict(cfg),
     }
     return BundleMeta(
         source=ModalitySpec(modality=d.source, preset=preset_from_config(d.source_preset).to_config()),
         target=ModalitySpec(modality=d.target, preset=preset_from_config(d.target_preset).to_config()),
-        slice=SliceSpec(size=d.size, axis=d.axis),
+        slice=d.slice_spec(),
+        rois=list(d.masks),
         training=training,
         metrics={"validation": metrics} if metrics else {},
     )
@@ -657,7 +678,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another train.out_dir")
     if resume:  # fail before any setup on an unreadable or foreign checkpoint
         check_checkpoint(AtomicCheckpointIO().load_checkpoint(ckpt), cfg, where=str(ckpt))
-    paired = cfg.data.paired if cfg.data.paired is not None else get_method_class(cfg.method).paired
+    paired = _paired(cfg)
     tr = cfg.train
 
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
@@ -670,7 +691,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -
         torch.set_float32_matmul_precision("high")
     splits = case_splits(cfg.data, paired)
     datasets = build_datasets(cfg.data, paired, splits, ("train", "val") if tr.val_every else ("train",))
-    method = build_method(cfg.method, cfg.model)
+    method = build_training_method(cfg)
     with torch.random.fork_rng(devices=[]):  # preparation never moves the training RNG
         note = method.prepare_training(_preparation_batches(datasets["train"], cfg.data.batch_size))
     if note and _env_rank() == 0:
@@ -686,7 +707,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -
     has_val = "val" in datasets
     trainer = pl.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=_strategy(tr),
-        precision=resolve_precision(tr),
+        precision=lightning_precision(tr),
         # global_step counts optimiser steps. One Lightning "epoch" is the rest of the StepSampler
         # stream; a run extended past a finished one (--resume with a larger max_steps) goes on in
         # a second epoch from the step reached.

@@ -218,9 +218,11 @@ def ae_bundle(tmp_path_factory) -> Path:
 def test_latent_method_runs_in_the_frozen_autoencoder_latent(name, condition, ae_bundle, tmp_path):
     from MedTranslateLib.bundle import load_bundle, save_bundle
 
+    # the training loop loads the bundle and hands it in (a method never reads files)
     m = build_method(name, {"unet": UNET, "condition": condition,
-                            "latent": {"autoencoder_bundle": str(ae_bundle), "normalize": True, "stats_batches": 2}})
-    assert m.config.latent.autoencoder["channels"] == [4, 8]  # architecture read from the bundle's YAML
+                            "latent": {"autoencoder_bundle": str(ae_bundle), "normalize": True, "stats_batches": 2}},
+                     pretrained={"autoencoder": load_bundle(ae_bundle).method})
+    assert m.config.latent.autoencoder["channels"] == [4, 8]  # architecture taken from the pretrained part
     source, target = pair(4, 32)
     batches = [{"source": source[:2], "target": target[:2]}, {"source": source[2:], "target": target[2:]},
                {"source": source * 0, "target": target * 0}]  # the third is past stats_batches
@@ -263,9 +265,18 @@ def test_latent_method_runs_in_the_frozen_autoencoder_latent(name, condition, ae
 def test_latent_config_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="latent.autoencoder_bundle"):
         build_method("bbdm", {"unet": UNET, "latent": {}})
-    with pytest.raises(ValueError, match="not a bundle|not found|no such") as err:
-        build_method("bbdm", {"unet": UNET, "latent": {"autoencoder_bundle": str(tmp_path / "missing")}})
+    latent = {"autoencoder_bundle": str(tmp_path / "missing")}
+    with pytest.raises(ValueError, match="was not loaded") as err:  # no file is read by the method
+        build_method("bbdm", {"unet": UNET, "latent": latent})
     assert "\n" not in str(err.value)
+    from MedTranslateLib.training import DataConfig, TrainConfig, build_training_method
+
+    cfg = TrainConfig(method="bbdm", data=DataConfig(root=str(tmp_path)), model={"unet": UNET, "latent": latent})
+    with pytest.raises(ValueError, match="not a bundle|not found|no such") as err:
+        build_training_method(cfg)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="takes no pretrained parts"):
+        build_method("bbdm", {"unet": UNET}, pretrained={"autoencoder": nn.Identity()})
 
 
 def test_latent_training_run_loads_the_autoencoder_and_writes_a_self_contained_bundle(ae_bundle, phantom_root,

@@ -3,6 +3,7 @@ cancel, slice selection, masks, metrics; maps helpers; device / precision / shar
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
@@ -63,7 +64,7 @@ def identity_translate(source, **kwargs):
 # ---------------------------------------------------------------------------------------------
 def test_outputs_keep_the_source_geometry_oblique_anisotropic(bundle_path, tmp_path):
     vol = ct_volume()
-    tr = engine.VolumeTranslator(bundle_path, device="cpu", batch_size=3)
+    tr = engine.VolumeTranslator(load_bundle(bundle_path), device="cpu", batch_size=3)
     res = tr.translate(vol, seed=3, num_samples=2, reference=vol)
     for out in (res.synthetic, res.difference, res.uncertainty, res.reference_difference):
         assert out is not None and out.same_geometry(vol, atol=0)
@@ -82,7 +83,7 @@ def test_crop_resize_and_inverse_put_pixels_back_in_place(tmp_path, axis):
     (windowed) source inside the body for every slicing axis: no transposition, shift or squash."""
     path = make_bundle(tmp_path / f"b{axis}", dropout=False, axis=axis, source="ct_abdomen", target="ct_abdomen")
     vol = ct_volume(shape=(20, 40, 48))
-    tr = engine.VolumeTranslator(path, device="cpu")
+    tr = engine.VolumeTranslator(load_bundle(path), device="cpu")
     tr.method.translate = identity_translate
     res = tr.translate(vol)
     inner = ndimage.binary_erosion(vol.array > -500, np.ones((3, 3, 3)), iterations=2)  # away from edges
@@ -97,7 +98,7 @@ def test_crop_resize_and_inverse_put_pixels_back_in_place(tmp_path, axis):
 def test_body_box_keeps_aspect_ratio(det_bundle_path):
     """A wide, short body: the crop box is square in millimetres around it (not the whole slice)."""
     vol = ct_volume(shape=(4, 40, 48), spacing=(1.0, 2.0, 3.0), oblique=False)
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu")
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu")
     res = tr.translate(vol)
     r0, r1, c0, c1 = res.info["box"]
     assert (r1 - r0) * 2.0 == pytest.approx((c1 - c0) * 1.0, abs=2.0)  # rows are 2 mm, columns 1 mm
@@ -109,7 +110,7 @@ def test_body_box_keeps_aspect_ratio(det_bundle_path):
 # ---------------------------------------------------------------------------------------------
 def test_same_seed_same_output_different_seed_different(bundle_path):
     vol = ct_volume()
-    tr = engine.VolumeTranslator(bundle_path, device="cpu", batch_size=4)
+    tr = engine.VolumeTranslator(load_bundle(bundle_path), device="cpu", batch_size=4)
     a = tr.translate(vol, seed=11).synthetic.array
     b = tr.translate(vol, seed=11).synthetic.array
     c = tr.translate(vol, seed=12).synthetic.array
@@ -124,19 +125,19 @@ def _recording_method(tr, log):
         return Translation(image=torch.zeros_like(source[:, :1]))
 
     tr.method.translate = translate
-    tr._accepts_shared_noise = True
+    tr.capabilities = dataclasses.replace(tr.capabilities, shared_noise=True)  # the method says it accepts it
 
 
 def test_shared_noise_reseeds_every_batch_and_tells_the_method(det_bundle_path):
     vol = ct_volume()
     log: list = []
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", batch_size=3, shared_noise=True)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=3, shared_noise=True)
     _recording_method(tr, log)
     tr.translate(vol, seed=5, steps=7)
     assert [n for n, *_ in log] == [3, 3, 2]
     assert len({r for _, r, _, _ in log}) == 1 and all(s and st == 7 for _, _, s, st in log)
     log.clear()
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", batch_size=3)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=3)
     _recording_method(tr, log)
     tr.translate(vol, seed=5)
     assert len({r for _, r, _, _ in log}) == 3 and not any(s for _, _, s, _ in log)
@@ -144,7 +145,7 @@ def test_shared_noise_reseeds_every_batch_and_tells_the_method(det_bundle_path):
 
 def test_uncertainty_from_samples(bundle_path):
     vol = ct_volume()
-    tr = engine.VolumeTranslator(bundle_path, device="cpu")
+    tr = engine.VolumeTranslator(load_bundle(bundle_path), device="cpu")
     res = tr.translate(vol, seed=1, num_samples=3, slice_range=(2, 6))
     assert res.uncertainty_kind == "std"
     u = res.uncertainty.array
@@ -158,7 +159,7 @@ def test_uncertainty_from_samples(bundle_path):
 # ---------------------------------------------------------------------------------------------
 def test_out_of_memory_halves_the_batch_and_gives_the_same_result(det_bundle_path):
     vol = ct_volume()
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", batch_size=8)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=8)
     expected = tr.translate(vol).synthetic.array
     real = tr.method.translate
     sizes = []
@@ -186,7 +187,7 @@ def test_out_of_memory_halves_the_batch_and_gives_the_same_result(det_bundle_pat
 def test_progress_reports_every_batch_with_eta(det_bundle_path):
     vol = ct_volume(shape=(10, 40, 48))
     calls = []
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", batch_size=4)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=4)
     tr.translate(vol, progress=lambda done, total, eta: calls.append((done, total, eta)))
     assert [c[:2] for c in calls] == [(0, 10), (4, 10), (8, 10), (10, 10)]
     assert calls[0][2] is None and all(e >= 0 for _, _, e in calls[1:]) and calls[-1][2] == 0
@@ -195,7 +196,7 @@ def test_progress_reports_every_batch_with_eta(det_bundle_path):
 @pytest.mark.parametrize("kind", ["callable", "event"])
 def test_cancel_stops_within_one_batch_and_returns_nothing(det_bundle_path, kind):
     vol = ct_volume(shape=(12, 40, 48))
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", batch_size=4)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=4)
     real = tr.method.translate
     batches = []
     event = threading.Event()
@@ -220,7 +221,7 @@ def test_cancel_stops_within_one_batch_and_returns_nothing(det_bundle_path, kind
 # ---------------------------------------------------------------------------------------------
 def test_slice_range_and_roi_restrict_the_work(det_bundle_path):
     vol = ct_volume(shape=(12, 40, 48))
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", batch_size=16, roi_margin=1)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=16, extent_margin=1)
     seen = []
     real = tr.method.translate
 
@@ -261,7 +262,7 @@ def test_masks_and_reference_on_another_grid_are_resampled(det_bundle_path):
     ref.SetDirection(vol.direction)
     fine = io.Volume.from_sitk(sitk.Resample(sitk_img, ref, sitk.Transform(), sitk.sitkNearestNeighbor))
     cta = vol.with_array(vol.array + 30)
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", baseline_metrics=True)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", baseline_metrics=True)
     res = tr.translate(vol, masks={"liver": fine}, reference=cta)
     assert set(res.metrics) == {"whole", "body", "liver"}
     assert set(res.baseline_metrics) == {"whole", "body", "liver"}
@@ -284,7 +285,7 @@ def test_masks_reach_methods_that_use_them(det_bundle_path):
     vol = ct_volume()
     tumor = np.zeros(vol.shape, np.float32)
     tumor[3:5, 18:26, 15:25] = 1
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", batch_size=8)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=8)
     got = {}
 
     def translate(source, *, masks=None, **kwargs):
@@ -292,11 +293,8 @@ def test_masks_reach_methods_that_use_them(det_bundle_path):
         return Translation(image=source.clone())
 
     tr.method.translate = translate
-    type(tr.method).uses_masks = True
-    try:
-        tr.translate(vol, masks={"tumor": tumor})
-    finally:
-        type(tr.method).uses_masks = False
+    tr.capabilities = dataclasses.replace(tr.capabilities, uses_masks=True)  # a method that reads masks
+    tr.translate(vol, masks={"tumor": tumor})
     assert set(got) == {"tumor", "body"}
     assert got["tumor"].shape == (8, 1, 64, 64) and set(got["tumor"].unique().tolist()) == {0.0, 1.0}
     assert got["tumor"][3:5].sum() > 0 and got["tumor"][:3].sum() == 0
@@ -305,17 +303,17 @@ def test_masks_reach_methods_that_use_them(det_bundle_path):
 def test_target_presets_needing_statistics(tmp_path):
     mr_mr = make_bundle(tmp_path / "mr", dropout=False, source="mr_percentile", target="mr_percentile")
     vol = io.Volume(np.random.default_rng(0).uniform(0, 800, (4, 32, 32)).astype(np.float32))
-    res = engine.VolumeTranslator(mr_mr, device="cpu").translate(vol)
+    res = engine.VolumeTranslator(load_bundle(mr_mr), device="cpu").translate(vol)
     assert res.info["target_preset"]["upper"] == res.info["source_preset"]["upper"]
     ct_mr = make_bundle(tmp_path / "ctmr", dropout=False, source="ct_abdomen", target="mr_zscore")
     with pytest.raises(BundleError, match="no intensity statistics"):
-        engine.VolumeTranslator(ct_mr, device="cpu").translate(vol)
+        engine.VolumeTranslator(load_bundle(ct_mr), device="cpu").translate(vol)
 
 
 def test_bf16_autocast_on_cpu_is_close_to_fp32(det_bundle_path):
     vol = ct_volume()
-    ref = engine.VolumeTranslator(det_bundle_path, device="cpu").translate(vol).synthetic.array
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu", precision="bf16")
+    ref = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu").translate(vol).synthetic.array
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", precision="bf16")
     res = tr.translate(vol)
     assert res.info["precision"] == "bf16"
     assert np.abs(res.synthetic.array - ref).mean() < 10.0  # HU, in a 1000 HU window
@@ -328,7 +326,7 @@ def test_loaded_bundle_and_bad_arguments(det_bundle_path):
     with pytest.raises(ValueError, match="batch_size"):
         engine.VolumeTranslator(b, device="cpu", batch_size=0)
     with pytest.raises(BundleError):
-        engine.VolumeTranslator(det_bundle_path.parent / "nope", device="cpu")
+        engine.VolumeTranslator(load_bundle(det_bundle_path.parent / "nope"), device="cpu")
     with pytest.raises(ValueError, match="expected a Volume"):
         tr.translate(np.zeros((4, 8, 8)))
     with pytest.raises(ValueError, match="num_samples"):
@@ -404,7 +402,7 @@ def test_uncertainty_scaling_and_figure(tmp_path):
 
 def test_channels_last_falls_back_to_contiguous_for_methods_that_need_it(det_bundle_path):
     vol = ct_volume()
-    tr = engine.VolumeTranslator(det_bundle_path, device="cpu")
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu")
     assert tr.channels_last
     weight = next(p for p in tr.method.parameters() if p.ndim == 4 and p.shape[1] > 1)
     real = tr.method.translate

@@ -23,7 +23,7 @@ import vtk
 from conftest import rotation_direction
 
 from MedTranslateLib import io as mio
-from MedTranslateLib import mrml, phantom
+from MedTranslateLib import app, mrml, phantom
 from MedTranslateLib.worker import JobState
 
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -453,6 +453,7 @@ def options(bundle, **kw):
 
 
 def test_whole_flow_creates_tagged_results_and_leaves_inputs_alone(scene, case, sample, bundles):
+    from MedTranslateLib.bundle import load_bundle
     from MedTranslateLib.engine import VolumeTranslator
 
     inputs = (sample.source, sample.reference, sample.segmentation)
@@ -478,7 +479,7 @@ def test_whole_flow_creates_tagged_results_and_leaves_inputs_alone(scene, case, 
     assert (display.GetWindow(), display.GetLevel()) == (1000.0, 200.0)  # the ct_angio target preset
 
     # Same numbers as the engine run directly on the same inputs.
-    direct = VolumeTranslator(bundles.plain, device="cpu", batch_size=4).translate(
+    direct = VolumeTranslator(load_bundle(bundles.plain), device="cpu", batch_size=4).translate(
         case.images["ct"], masks={"liver": case.masks["liver"].array > 0.5, "tumor": case.masks["tumor"].array > 0.5},
         reference=case.images["cta_arterial"], seed=7)
     np.testing.assert_array_equal(mrml.volume_from_node(synthetic).array, direct.synthetic.array)
@@ -522,7 +523,7 @@ def test_results_follow_the_source_parent_transform(scene, sample, bundles):
     transform.SetMatrixTransformToParent(mrml._to_vtk(m))
     for node in (sample.source, sample.segmentation):
         node.SetAndObserveTransformNodeID(transform.GetID())
-    nodes = mrml.translate_nodes(scene, sample.source, options(bundles.plain, roi_only=True, roi_margin=1),
+    nodes = mrml.translate_nodes(scene, sample.source, options(bundles.plain, slices=app.ALL_ROIS, extent_margin=1),
                                  tumor=(sample.segmentation, "tumor"))
     assert nodes.synthetic.GetTransformNodeID() == transform.GetID()
     assert nodes.difference.GetTransformNodeID() == transform.GetID()
@@ -530,7 +531,7 @@ def test_results_follow_the_source_parent_transform(scene, sample, bundles):
 
 def test_roi_only_translates_the_roi_slices(scene, case, sample, bundles):
     progress = []
-    nodes = mrml.translate_nodes(scene, sample.source, options(bundles.plain, roi_only=True, roi_margin=1),
+    nodes = mrml.translate_nodes(scene, sample.source, options(bundles.plain, slices=app.ALL_ROIS, extent_margin=1),
                                  tumor=(sample.segmentation, "tumor"), progress=lambda d, t, e: progress.append(t))
     z = np.flatnonzero(case.masks["tumor"].array.any(axis=(1, 2)))
     first, last = max(0, z[0] - 1), min(16, z[-1] + 2)
@@ -646,7 +647,7 @@ def test_failure_while_adding_results_rolls_back(scene, sample, bundles, monkeyp
 
 def test_bad_inputs_raise_one_line_errors(scene, sample, bundles):
     with pytest.raises(ValueError, match="ROI"):
-        mrml.TranslationRun(scene, sample.source, options(bundles.plain, roi_only=True))
+        mrml.TranslationRun(scene, sample.source, options(bundles.plain, slices=app.ALL_ROIS))
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
     with pytest.raises(ValueError, match="empty: the volume node has no image data"):
         mrml.TranslationRun(scene, empty, options(bundles.plain))

@@ -284,9 +284,9 @@ def test_config_and_precision(tmp_path):
     assert cfg.optim.for_phase("discriminator")["lr"] == 1e-4
     assert cfg.optim.for_phase("generator")["lr"] == cfg.optim.lr
     if not torch.cuda.is_available():
-        assert training.resolve_precision(cfg.train) == "32-true"
+        assert training.lightning_precision(cfg.train) == "32-true"
     cfg.train.precision = "bf16-mixed"
-    assert training.resolve_precision(cfg.train) == "bf16-mixed"
+    assert training.lightning_precision(cfg.train) == "bf16-mixed"
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "training" / "configs").rglob("*.yaml")),

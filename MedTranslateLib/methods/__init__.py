@@ -6,6 +6,7 @@ from its YAML config; ``get_method_class(name)`` gives the class (``.Config`` is
 
 from . import autoencoder, bbdm, cyclegan, dgpg, pix2pix, resshift  # noqa: F401  (importing a method module registers it)
 from .base import (
+    Capabilities,
     Translation,
     TranslationMethod,
     available_methods,
@@ -14,5 +15,5 @@ from .base import (
     register,
 )
 
-__all__ = ["Translation", "TranslationMethod", "available_methods", "build_method", "get_method_class",
+__all__ = ["Capabilities", "Translation", "TranslationMethod", "available_methods", "build_method", "get_method_class",
            "register"]

@@ -19,8 +19,33 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Translation", "TranslationMethod", "register", "available_methods", "get_method_class",
-           "build_method"]
+__all__ = ["Translation", "TranslationMethod", "Capabilities", "register", "available_methods",
+           "get_method_class", "build_method"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method (with its config) offers; front ends ask this instead of keeping lists.
+
+    stochastic:  ``num_samples`` / ``generator`` (seed) change the output.
+    steps:       ``steps`` (sampling steps) can be chosen.
+    uncertainty: "std" | "variance" | None: the kind of ``Translation.uncertainty``.
+    uncertainty_needs_samples: uncertainty only with ``num_samples > 1``.
+    confidence:  ``Translation.confidence`` (B,) is set.
+    uses_masks:  ``translate`` (or training) reads ROI masks.
+    shared_noise: ``translate`` accepts ``shared_noise=True`` (one noise map for every slice).
+    """
+
+    stochastic: bool = False
+    steps: bool = False
+    uncertainty: str | None = None
+    uncertainty_needs_samples: bool = False
+    confidence: bool = False
+    uses_masks: bool = False
+    shared_noise: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -68,8 +93,12 @@ class TranslationMethod(nn.Module):
     uses_masks: ClassVar[bool] = False     # True: translate()/training consume liver/tumor masks
     stochastic: ClassVar[bool] = False     # True: steps / num_samples / generator matter
     uncertainty_kind: ClassVar[str | None] = None  # "std" | "variance" | None
+    uncertainty_needs_samples: ClassVar[bool] = False  # uncertainty only with num_samples > 1
+    gives_confidence: ClassVar[bool] = False  # Translation.confidence is set
+    selectable_steps: ClassVar[bool] = False  # translate(steps=...) may change the step count
+    supports_shared_noise: ClassVar[bool] = False  # translate(..., shared_noise=True) is accepted
 
-    def __init__(self, config: Any = None) -> None:
+    def __init__(self, config: Any = None, *, pretrained: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         if config is None:
             config = self.Config()
@@ -80,6 +109,30 @@ class TranslationMethod(nn.Module):
         elif not isinstance(config, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
+        if pretrained and not type(self).pretrained_bundles(config):
+            raise ValueError(f"{self.name}: takes no pretrained parts, got {', '.join(pretrained)}")
+
+    # ---- what it offers ----------------------------------------------------------------------
+    @classmethod
+    def capabilities_for(cls, config: Any) -> Capabilities:
+        """The capabilities of this method class with ``config`` (no weights needed). Methods
+        whose capabilities depend on the config (pix2pix's test-time dropout) override this."""
+        return Capabilities(stochastic=cls.stochastic, steps=cls.selectable_steps,
+                            uncertainty=cls.uncertainty_kind,
+                            uncertainty_needs_samples=cls.uncertainty_needs_samples,
+                            confidence=cls.gives_confidence, uses_masks=cls.uses_masks,
+                            shared_noise=cls.supports_shared_noise)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return type(self).capabilities_for(self.config)
+
+    @classmethod
+    def pretrained_bundles(cls, config: Any) -> dict[str, str]:
+        """Pretrained parts the config names: {part name: bundle path}. The training loop loads
+        them (a method never reads files) and passes the loaded methods to ``cls(config,
+        pretrained=...)``. Default: none."""
+        return {}
 
     # ---- shapes ------------------------------------------------------------------------------
     @property
@@ -131,9 +184,9 @@ class TranslationMethod(nn.Module):
     def prepare_training(self, batches: Iterable[dict]) -> str | None:
         """Called once by the training loop before the optimisers and the EMA copy are built (also
         on a resume, before the checkpoint's weights are restored), with an iterator over the
-        first training batches (collated, in order, no augmentation). Methods that start from
-        pretrained parts (a latent method's autoencoder) load them here. A returned line goes into
-        the training log. Default: nothing."""
+        first training batches (collated, in order, no augmentation). Methods that need data
+        statistics (a latent method's latent mean/std) compute them here; pretrained parts came
+        with the constructor. A returned line goes into the training log. Default: nothing."""
         return None
 
     def phase_parameters(self, phase: str, parts: nn.ModuleDict) -> list[nn.Parameter]:
@@ -151,7 +204,9 @@ class TranslationMethod(nn.Module):
         """(B, 1, H, W) prediction for validation metrics."""
         masks = None
         if self.uses_masks:
-            masks = {k: batch[k] for k in ("liver", "tumor", "body") if k in batch}
+            # paired batches hold one (B, 1, H, W) tensor per mask name (data.PairedSliceDataset)
+            masks = {k: v for k, v in batch.items() if isinstance(v, Tensor) and v.ndim == 4
+                     and k not in ("source", "target") and not k.startswith(("source_", "target_"))}
         return self.translate(batch["source"], masks=masks).image
 
     @property
@@ -196,7 +251,7 @@ def get_method_class(name: str) -> type[TranslationMethod]:
 
 
 def build_method(name: str, config: dict | Any | None = None, *, where: str = "config",
-                 prefix: str = "") -> TranslationMethod:
+                 prefix: str = "", pretrained: dict[str, nn.Module] | None = None) -> TranslationMethod:
     """Build method ``name`` from a config mapping (validated with ``config.from_dict``; messages
     name ``where`` and the dotted key under ``prefix``, e.g. ``prefix="model"``) or a ready
     ``Config`` instance."""
@@ -205,4 +260,4 @@ def build_method(name: str, config: dict | Any | None = None, *, where: str = "c
     cls = get_method_class(name)
     if not isinstance(config, cls.Config):
         config = from_dict(cls.Config, config or {}, where=where, prefix=prefix)
-    return cls(config)
+    return cls(config, pretrained=pretrained) if pretrained else cls(config)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..diffusion import BrownianBridgeScheduler
 from ..nn.diffusion_unet import DenoisingUNetConfig
@@ -73,10 +73,12 @@ class BBDM(DiffusionMethod):
     """Inference state: ``unet`` (+ frozen ``autoencoder`` and latent statistics in latent space)."""
 
     Config = BBDMConfig
+    selectable_steps = True
     config: BBDMConfig
 
-    def __init__(self, config: BBDMConfig | dict | None = None) -> None:
-        super().__init__(config)  # space (pixel / latent) and U-Net
+    def __init__(self, config: BBDMConfig | dict | None = None, *,
+                 pretrained: dict[str, nn.Module] | None = None) -> None:
+        super().__init__(config, pretrained=pretrained)  # space (pixel / latent) and U-Net
         cfg = self.config
         clip = cfg.clip_denoised if cfg.clip_denoised is not None else cfg.latent is None
         b = cfg.bridge

@@ -230,14 +230,14 @@ class CycleGAN(TranslationMethod):
     @staticmethod
     def batch_masks(batch: dict, side: str) -> dict[str, Tensor]:
         """Masks of the ``side`` ("source" / "target") slices: ``<side>_<name>`` entries of an
-        unpaired batch, or the shared ``<name>`` entries of a paired one."""
+        unpaired batch, or the shared ``<name>`` (B, 1, H, W) entries of a paired one."""
         out = {}
         for key, value in batch.items():
             if not isinstance(value, Tensor):
                 continue
             if key.startswith(f"{side}_"):
                 out[key[len(side) + 1:]] = value
-            elif key in ("liver", "tumor", "body"):
+            elif key not in ("source", "target") and not key.startswith(("source_", "target_")) and value.ndim == 4:
                 out.setdefault(key, value)
         return out
 

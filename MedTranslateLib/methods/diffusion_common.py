@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -61,19 +60,6 @@ class LatentConfig:
             raise ValueError(f"latent.stats_batches must be >= 1, got {self.stats_batches}")
 
 
-def _autoencoder_architecture(latent: LatentConfig) -> dict[str, Any]:
-    """The autoencoder's config: ``latent.autoencoder``, else read from the bundle's YAML."""
-    if latent.autoencoder is not None:
-        return dict(latent.autoencoder)
-    from ..bundle import read_bundle_meta
-
-    meta = read_bundle_meta(latent.autoencoder_bundle)
-    if meta.method != "autoencoder":
-        raise ValueError(f"{latent.autoencoder_bundle}: latent.autoencoder_bundle must be an 'autoencoder' bundle, "
-                         f"this one is {meta.method!r}")
-    return dict(meta.architecture)
-
-
 class DiffusionMethod(TranslationMethod):
     """Base of the diffusion methods: space (pixel/latent), conditioning, noise, samples.
 
@@ -84,21 +70,50 @@ class DiffusionMethod(TranslationMethod):
     paired = True
     stochastic = True
     uncertainty_kind = "std"
+    uncertainty_needs_samples = True
+    supports_shared_noise = True
 
-    def __init__(self, config: Any = None) -> None:
-        super().__init__(config)
-        self._build_space()
+    def __init__(self, config: Any = None, *, pretrained: dict[str, nn.Module] | None = None) -> None:
+        super().__init__(config, pretrained=pretrained)
+        self._build_space((pretrained or {}).get("autoencoder"))
         self.unet = DenoisingUNet(self.unet_in_channels(), self.space_channels, self.config.unet)
 
-    def _build_space(self) -> None:
+    @classmethod
+    def pretrained_bundles(cls, config: Any) -> dict[str, str]:
+        """Latent space with ``latent.autoencoder_bundle``: {"autoencoder": that bundle}."""
+        latent = getattr(config, "latent", None)
+        if latent is None or latent.autoencoder_bundle is None:
+            return {}
+        return {"autoencoder": str(latent.autoencoder_bundle)}
+
+    def _build_space(self, pretrained_autoencoder: nn.Module | None) -> None:
+        """Latent space: the frozen autoencoder, built from ``latent.autoencoder`` (a bundle's
+        saved architecture) or taken over from the pretrained autoencoder the training loop
+        loaded from ``latent.autoencoder_bundle`` (architecture copied into the config, which is
+        what a saved bundle keeps; weights copied into this method's state)."""
         cfg = self.config
         self.autoencoder: nn.Module | None = None
         if cfg.latent is not None:
+            from ..config import to_dict
             from .autoencoder import LatentAutoencoder
 
-            arch = _autoencoder_architecture(cfg.latent)
-            cfg.latent.autoencoder = arch  # what a saved bundle keeps
-            ae = LatentAutoencoder(arch)
+            if pretrained_autoencoder is not None:
+                if getattr(pretrained_autoencoder, "name", None) != "autoencoder":
+                    raise ValueError(f"{cfg.latent.autoencoder_bundle}: latent.autoencoder_bundle must be an "
+                                     f"'autoencoder' bundle, this one is "
+                                     f"{getattr(pretrained_autoencoder, 'name', '?')!r}")
+                arch = to_dict(pretrained_autoencoder.config)
+                if cfg.latent.autoencoder is not None and dict(cfg.latent.autoencoder) != arch:
+                    raise ValueError(f"{cfg.latent.autoencoder_bundle}: its architecture differs from "
+                                     "latent.autoencoder in the config")
+                cfg.latent.autoencoder = arch
+            elif cfg.latent.autoencoder is None:
+                raise ValueError(f"{self.name}: latent.autoencoder_bundle {cfg.latent.autoencoder_bundle} was not "
+                                 "loaded: the training loop hands pretrained parts to the method "
+                                 "(training.build_training_method), or give latent.autoencoder")
+            ae = LatentAutoencoder(cfg.latent.autoencoder)
+            if pretrained_autoencoder is not None:
+                ae.load_state_dict(pretrained_autoencoder.state_dict(), strict=True)
             if ae.in_channels != 1:
                 raise ValueError(f"{self.name}: the autoencoder must encode 1-channel slices, it has {ae.in_channels}")
             ae.requires_grad_(False)
@@ -168,25 +183,14 @@ class DiffusionMethod(TranslationMethod):
         return [p for p in params if id(p) not in frozen]
 
     def prepare_training(self, batches: Iterable[dict]) -> str | None:
-        """Latent space: load the autoencoder's weights from ``latent.autoencoder_bundle`` and,
-        with ``latent.normalize``, the latent statistics over the first batches."""
+        """Latent space: with ``latent.normalize``, the latent statistics over the first batches
+        (the autoencoder's weights came with the constructor)."""
         lat = self.config.latent
         if lat is None:
             return None
-        note = ""
         if lat.autoencoder_bundle is not None:
-            from ..bundle import load_bundle
-
-            ae = load_bundle(Path(lat.autoencoder_bundle)).method
-            if ae.name != "autoencoder":
-                raise ValueError(f"{lat.autoencoder_bundle}: not an 'autoencoder' bundle ({ae.name!r})")
-            try:
-                self.autoencoder.load_state_dict(ae.state_dict(), strict=True)
-            except RuntimeError:
-                raise ValueError(f"{lat.autoencoder_bundle}: its architecture differs from latent.autoencoder "
-                                 "in the config") from None
             note = f"autoencoder weights from {lat.autoencoder_bundle}"
-        elif lat.autoencoder is not None:
+        else:
             note = "autoencoder: architecture only (no latent.autoencoder_bundle): weights untrained"
         if lat.normalize:
             stats = self._latent_stats(batches, lat.stats_batches)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import GANLoss, PatchGAN, Pix2PixUNet, frozen
-from .base import TransientState, Translation, TranslationMethod, register
+from .base import Capabilities, TransientState, Translation, TranslationMethod, register
 
 __all__ = ["Pix2Pix", "Pix2PixConfig", "Pix2PixGeneratorConfig", "Pix2PixDiscriminatorConfig"]
 
@@ -119,8 +119,16 @@ class Pix2Pix(TranslationMethod):
     uses_masks = False
     stochastic = False
     uncertainty_kind = "std"  # only with test_time_dropout and num_samples > 1
+    uncertainty_needs_samples = True
 
     config: Pix2PixConfig
+
+    @classmethod
+    def capabilities_for(cls, config: Pix2PixConfig) -> Capabilities:
+        """Monte-Carlo dropout (``test_time_dropout``) makes it stochastic, with a per-pixel std
+        over ``num_samples`` samples; otherwise it is deterministic and gives no uncertainty."""
+        mc = bool(getattr(config, "test_time_dropout", False))
+        return Capabilities(stochastic=mc, uncertainty="std" if mc else None, uncertainty_needs_samples=True)
 
     def __init__(self, config: Pix2PixConfig | dict | None = None) -> None:
         super().__init__(config)

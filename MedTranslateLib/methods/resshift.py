@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..diffusion import ResShiftScheduler
 from ..nn.diffusion_unet import DenoisingUNetConfig
@@ -68,8 +68,9 @@ class ResShift(DiffusionMethod):
     Config = ResShiftConfig
     config: ResShiftConfig
 
-    def __init__(self, config: ResShiftConfig | dict | None = None) -> None:
-        super().__init__(config)  # space (pixel / latent) and U-Net
+    def __init__(self, config: ResShiftConfig | dict | None = None, *,
+                 pretrained: dict[str, nn.Module] | None = None) -> None:
+        super().__init__(config, pretrained=pretrained)  # space (pixel / latent) and U-Net
         cfg, p = self.config, self.config.process
         clip = cfg.clip_denoised if cfg.clip_denoised is not None else cfg.latent is None
         self.scheduler = ResShiftScheduler(p.num_train_timesteps, p.kappa, p.min_noise_level, p.etas_end, p.power,

@@ -1,0 +1,400 @@
+"""The application layer: what the Slicer module, the CLI, evaluation and a web front end call.
+
+- Models: ``model_choices`` (the user's and the bundled models, each with its capabilities, ROI
+  names, units and warnings, filtered by the source modality), ``load_model`` (a name or a path
+  to a loaded ``Bundle``) and ``ModelCache`` (the last loaded translator, kept on its device).
+- A translation: ``TranslationOptions`` (model, device, steps, samples, seed, which slices) and a
+  ``TranslationRequest`` (a ``cases.Case`` + options); ``run_translation`` runs one on any thread
+  with progress and cancel and returns a ``TranslationOutcome`` (the engine's ``Result`` and the
+  model it came from).
+- Outputs: ``output_files`` / ``write_outputs`` (a case's result files, all or nothing) and
+  ``metrics_document``.
+- Errors: ``UserError`` (a message meant for the user as it is) and ``readable_error`` (one line
+  for any exception).
+
+Front ends only convert their inputs to these objects and show what comes back; they keep no
+list of method names, regions or units of their own. torch is imported only when a model is
+loaded, so a GUI can list models without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .modality import modality_label, model_fits
+from .regions import DEFAULT_ROIS
+from .runtime import first_line
+
+if TYPE_CHECKING:
+    from .cases import Case
+
+__all__ = ["UserError", "readable_error", "ModelChoice", "model_choices", "model_choice", "load_model",
+           "bundled_models", "ModelCache", "TranslationOptions", "TranslationRequest", "TranslationOutcome",
+           "ALL_ROIS", "METRICS_FILE", "run_translation", "output_files", "write_json", "write_outputs",
+           "write_case_folder", "metrics_document"]
+
+#: ``TranslationOptions.slices`` value: the slices holding any ROI mask of the case (+- margin).
+ALL_ROIS = "rois"
+
+
+class UserError(ValueError):
+    """An error whose message is meant for the user as it is (one line)."""
+
+
+def readable_error(error: BaseException) -> str:
+    """One line for the user (the traceback goes to the log)."""
+    name = type(error).__name__
+    text = first_line(error) if str(error).strip() else ""
+    if name == "TranslationCancelled":
+        return "Cancelled: nothing was added to the scene."
+    if name == "OutOfMemoryError" or "out of memory" in text.lower():
+        return ("Out of GPU memory. Close other GPU programs, or choose the CPU (or another GPU) as the "
+                "device and apply again.")
+    if isinstance(error, MemoryError):
+        return "Out of memory: the volume is too large for this computer; try 'Only slices with the ROI'."
+    if isinstance(error, ImportError):
+        missing = getattr(error, "name", None) or text
+        return f"A Python package is missing or broken ({missing}); apply again to install the dependencies."
+    if isinstance(error, ValueError):
+        return text or name
+    return f"Translation failed ({name}): {text}" if text else f"Translation failed ({name})."
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ModelChoice:
+    """One entry of the model list, with what the model offers (``methods.Capabilities`` as a
+    dict: stochastic, steps, uncertainty, confidence, ...), its ROI names, target units and
+    warnings (e.g. a window that cannot represent bone)."""
+
+    name: str
+    label: str
+    method: str = "?"
+    source: str = "?"
+    target: str = "?"
+    origin: str = "bundled"
+    path: str = ""
+    fits: bool = True
+    error: str | None = None
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    rois: tuple[str, ...] = DEFAULT_ROIS
+    units: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def steps(self) -> bool:
+        """Sampling steps / several samples apply (the method is stochastic)."""
+        return bool(self.capabilities.get("stochastic"))
+
+
+def _capabilities(method: str, architecture: Any) -> dict[str, Any]:
+    """The method class's capabilities with ``architecture`` ({} when the method library cannot be
+    imported yet, e.g. before the Slicer module installed torch). ValueError for an unknown method
+    or a bad architecture."""
+    try:
+        from .config import from_dict
+        from .methods import get_method_class
+    except ImportError:
+        return {}
+    cls = get_method_class(method)
+    config = from_dict(cls.Config, dict(architecture or {}), where="medtranslate.yaml", prefix="architecture")
+    return cls.capabilities_for(config).to_dict()
+
+
+def model_choice(info: Any) -> ModelChoice:
+    """A ``ModelChoice`` from a ``model_store.ModelInfo`` (its metadata only; no weights)."""
+    if info.error:
+        return ModelChoice(info.name, f"{info.name} (cannot be read)", origin=info.origin, path=str(info.path),
+                           error=info.error)
+    meta = info.meta
+    try:
+        caps = _capabilities(info.method, getattr(meta, "architecture", None))
+    except ValueError as exc:
+        return ModelChoice(info.name, f"{info.name} (cannot be used)", info.method, info.source, info.target,
+                           info.origin, str(info.path), error=first_line(exc))
+    units, warnings, rois = "", [], DEFAULT_ROIS
+    if getattr(meta, "target", None) is not None:
+        from .bundle import BundleError, meta_rois, represent_warnings, side_preset
+
+        rois, warnings = meta_rois(meta), represent_warnings(meta)
+        try:
+            units = side_preset(meta, "target").UNITS
+        except BundleError as exc:
+            warnings.append(first_line(exc))
+    label = (f"{info.name} — {info.method}, {modality_label(info.source)} → {modality_label(info.target)}"
+             f"{' (user)' if info.origin == 'user' else ''}")
+    return ModelChoice(info.name, label, info.method, info.source, info.target, info.origin, str(info.path),
+                       True, None, caps, rois, units, warnings)
+
+
+def model_choices(volume_modality: str | None = None, models: Sequence[Any] | None = None) -> list[ModelChoice]:
+    """Models of ``model_store.list_models()`` (user first, then bundled) that fit the source
+    modality (all of them when it is unknown); broken bundles are listed with their error."""
+    if models is None:
+        from .model_store import list_models
+
+        models = list_models()
+    out = []
+    for info in models:
+        if not info.error and not model_fits(info.source, volume_modality):
+            continue
+        out.append(model_choice(info))
+    return out
+
+
+def bundled_models() -> list[Path]:
+    """The bundled demo model bundles (``Resources/Models``), sorted by name."""
+    from .bundle import is_bundle
+    from .model_store import bundled_models_dir
+
+    folder = bundled_models_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and is_bundle(p))
+
+
+def load_model(model: Any, *, map_location: str = "cpu") -> Any:
+    """A loaded ``bundle.Bundle`` from a model name (``model_store``), a bundle path, or a Bundle."""
+    from .bundle import Bundle, load_bundle
+    from .model_store import find_model
+
+    if isinstance(model, Bundle):
+        return model
+    return load_bundle(find_model(model), map_location=map_location)
+
+
+class ModelCache:
+    """Keeps the last loaded ``engine.VolumeTranslator`` (model load + transfer to the GPU happen
+    once); a changed bundle on disk, device, precision or batch size loads it again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._translator: Any = None
+
+    def get(self, options: TranslationOptions) -> Any:
+        from .engine import VolumeTranslator
+        from .model_store import find_model
+
+        path = Path(find_model(options.model)).resolve()
+        try:
+            stamp = max(p.stat().st_mtime_ns for p in ([path] + (list(path.iterdir()) if path.is_dir() else [])))
+        except OSError:
+            stamp = 0
+        key = (str(path), stamp, options.device, options.precision, options.batch_size, options.shared_noise,
+               options.extent_margin)
+        with self._lock:
+            if self._key != key:
+                self._translator = None  # release the previous model first (GPU memory)
+                self._translator = VolumeTranslator(load_model(path), device=options.device,
+                                                    precision=options.precision, batch_size=options.batch_size,
+                                                    shared_noise=options.shared_noise,
+                                                    extent_margin=options.extent_margin, baseline_metrics=True)
+                self._key = key
+            return self._translator
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._translator = None, None
+
+
+_DEFAULT_CACHE = ModelCache()
+
+
+# ---------------------------------------------------------------------------------------------
+# a translation
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TranslationOptions:
+    """What to run: model (name or bundle path), device ("auto" | "cpu" | "cuda:N"), sampling
+    steps (None = the method's default) and samples, seed (None = random), which slices (None =
+    all, ``(first, last)``, a mask name = that mask's extent, ``ALL_ROIS`` = every ROI mask's),
+    ``extent_margin`` slices around a mask's extent."""
+
+    model: str
+    device: str = "auto"
+    steps: int | None = None
+    num_samples: int = 1
+    seed: int | None = None
+    slices: tuple[int, int] | str | None = None
+    extent_margin: int = 4
+    batch_size: int | str = "auto"
+    precision: str = "auto"
+    shared_noise: bool = False
+
+    @property
+    def roi_only(self) -> bool:
+        return self.slices == ALL_ROIS
+
+
+@dataclass
+class TranslationRequest:
+    """The inputs: plain data only (safe to hand to a worker thread)."""
+
+    case: Case
+    options: TranslationOptions
+
+    @property
+    def source_name(self) -> str:
+        return self.case.name
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        return self.case.masks
+
+
+@dataclass
+class TranslationOutcome:
+    """A finished translation: the engine's ``Result`` and the translator (model) it came from."""
+
+    result: Any
+    translator: Any
+
+    @property
+    def meta(self) -> Any:
+        return self.translator.bundle.meta
+
+    @property
+    def model_name(self) -> str:
+        return self.translator.model_name
+
+
+def _slice_range(request: TranslationRequest, translator: Any) -> tuple[int, int] | str | None:
+    from .engine import mask_slice_range
+    from .regions import BODY
+
+    slices = request.options.slices
+    if slices != ALL_ROIS:
+        return slices
+    rois = [m for name, m in request.case.masks.items() if name != BODY]
+    if not rois:
+        raise UserError(f"{request.source_name}: 'only the ROI slices' needs an ROI mask "
+                        f"({', '.join(translator.roi_names)})")
+    union = np.logical_or.reduce(rois)
+    rng = mask_slice_range(union, translator.axis, translator.extent_margin)
+    if rng is None:
+        raise UserError(f"{request.source_name}: the ROI masks are empty: no ROI slices to translate")
+    return rng
+
+
+def run_translation(request: TranslationRequest, *, cache: ModelCache | None = None,
+                    progress: Callable | None = None, cancel: Any = None,
+                    message: Callable[[str], None] | None = None) -> TranslationOutcome:
+    """Load (or reuse) the model and translate the request's case (any thread; touches no GUI).
+    Raises ``engine.TranslationCancelled`` when ``cancel`` fired."""
+    from .engine import TranslationCancelled
+
+    opts = request.options
+    if message:
+        message("Loading model")
+    translator = (cache if cache is not None else _DEFAULT_CACHE).get(opts)
+    if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+        raise TranslationCancelled("translation cancelled")
+    if message:
+        message("Translating")
+    case = request.case
+    result = translator.translate(case.source, masks=case.masks or None, reference=case.reference,
+                                  steps=opts.steps or None, num_samples=int(opts.num_samples), seed=opts.seed,
+                                  slice_range=_slice_range(request, translator), progress=progress, cancel=cancel)
+    return TranslationOutcome(result, translator)
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+#: Result volumes written per case, as ``Result`` attribute -> file name ({target}: its modality).
+_CASE_FILES = {"synthetic": "{target}_synthetic.nii.gz", "difference": "difference.nii.gz",
+               "reference_difference": "reference_difference.nii.gz", "uncertainty": "uncertainty.nii.gz"}
+METRICS_FILE = "metrics.json"
+
+
+def output_files(outcome: TranslationOutcome, *, synthetic_name: str | None = None) -> dict[str, str]:
+    """Result attribute -> file name of the outputs one case folder holds (those the result has)."""
+    target = outcome.meta.target.modality
+    names = {key: name.format(target=target) for key, name in _CASE_FILES.items()
+             if getattr(outcome.result, key) is not None}
+    if synthetic_name is not None:
+        names["synthetic"] = synthetic_name
+    return names
+
+
+def metrics_document(outcome: TranslationOutcome, case: Any = None) -> dict:
+    """The metrics JSON of one translation (model, case, metrics beside the identity baseline)."""
+    meta, result = outcome.meta, outcome.result
+    return {"model": str(outcome.translator.bundle.path), "method": meta.method,
+            "source": meta.source.modality, "target": meta.target.modality,
+            "case": getattr(case, "name", None), "input": str(getattr(case, "source", "")) or None,
+            "metrics": result.metrics, "identity": result.baseline_metrics,
+            "consistency": result.consistency, "slice_range": list(result.slice_range),
+            "info": result.info}
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """Write ``obj`` as JSON atomically (a temporary file renamed into place)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_outputs(items: Sequence[tuple[Any, Path]], modality: str) -> list[Path]:
+    """Write volumes / JSON documents; on any failure remove what this call already wrote."""
+    from . import io
+
+    written: list[Path] = []
+    try:
+        for obj, path in items:
+            if isinstance(obj, io.Volume):
+                io.write_volume(obj, path, modality=modality)
+            else:
+                write_json(obj, path)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def write_case_folder(outcome: TranslationOutcome, folder: Path, case: Any = None) -> list[Path]:
+    """Every output of one case, and ``metrics.json``, into ``folder`` at once: written into a
+    temporary sibling folder that then replaces ``folder`` (``io.replace_dir``: the previous
+    outputs come back if the swap fails). A ``folder`` holding other files is refused."""
+    from .io import replace_dir
+
+    names = output_files(outcome)
+    if folder.exists():
+        allowed = {*names.values(), *(n.format(target=outcome.meta.target.modality) for n in _CASE_FILES.values()),
+                   METRICS_FILE}
+        if not folder.is_dir() or any(p.name not in allowed for p in folder.iterdir()):
+            raise UserError(f"{folder}: exists and holds other files; not replacing it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        items = [(getattr(outcome.result, key), tmp / name) for key, name in names.items()]
+        items.append((metrics_document(outcome, case), tmp / METRICS_FILE))
+        write_outputs(items, outcome.translator.target_preset.DICOM_MODALITY)
+        replace_dir(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [folder / name for name in (*names.values(), METRICS_FILE)]

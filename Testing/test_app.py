@@ -1,0 +1,241 @@
+"""The application layer and the single homes it stands on: cases (reader, split), regions,
+runtime (devices, precision), model choices with capabilities, identity baseline, slicing spec."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from MedTranslateLib import app, cases, evaluation, io, phantom, regions, runtime
+from MedTranslateLib.bundle import load_bundle, meta_capabilities, read_bundle_meta, represent_warnings, save_bundle
+from MedTranslateLib.engine import VolumeTranslator
+from MedTranslateLib.methods import build_method
+from MedTranslateLib.model_store import ModelInfo
+
+
+def tiny_bundle(path, *, source_preset="ct_abdomen", target_preset="ct_angio", slice_spec=None, rois=None,
+                training=None, method="pix2pix", **architecture):
+    torch.manual_seed(0)
+    cfg = {"generator": {"ngf": 4, "num_downs": 5}, **architecture} if method == "pix2pix" else architecture
+    meta = {"source": {"modality": "ct", "preset": source_preset},
+            "target": {"modality": "cta_arterial", "preset": target_preset},
+            "slice": slice_spec or {"size": 32, "axis": 0}, "training": training or {}}
+    if rois is not None:
+        meta["rois"] = rois
+    return save_bundle(build_method(method, cfg), meta, path)
+
+
+@pytest.fixture(scope="module")
+def case_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cases")
+    cfg = phantom.PhantomConfig(shape=(16, 40, 40), spacing=(6.0, 6.0, 8.0), tumor_count=(1, 1))
+    phantom.write_phantom_dataset(root, cases=7, seed=2, config=cfg)
+    # two cases lack the target: unpaired training uses them, evaluation cannot
+    for name in ("case_001", "case_004"):
+        for p in (root / name).glob("cta_arterial*"):
+            p.unlink()
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+# ---------------------------------------------------------------------------------------------
+def test_case_files_and_read_case(case_root):
+    files = cases.case_files(case_root / "case_000", "ct", "cta_arterial")
+    assert files.source.name == "ct.nii.gz" and files.reference.name == "cta_arterial.nii.gz"
+    assert set(files.masks) == {"liver", "tumor", regions.BODY}
+    case = cases.read_case(files)
+    assert case.masks["liver"].dtype == bool and case.masks["liver"].shape == case.source.shape
+    assert case.reference.same_geometry(case.source)
+    # other ROI names: only masks of those names are read
+    assert set(cases.case_files(case_root / "case_000", "ct", None, ("tumor",)).masks) == {"tumor", regions.BODY}
+    assert cases.case_files(case_root / "case_001", "ct", "cta_arterial").reference is None
+    with pytest.raises(ValueError, match="no 't1' volume"):
+        cases.case_files(case_root / "case_000", "t1", "ct")
+
+
+def test_evaluation_uses_the_split_training_made(case_root):
+    """Unpaired training splits every case folder; evaluation takes the same split and keeps the
+    cases that have a reference -- never a re-split of only the paired cases."""
+    from MedTranslateLib.training import DataConfig, case_splits
+
+    data = DataConfig(root=str(case_root), split=(3, 1, 3), split_seed=5)
+    trained = case_splits(data, paired=False)
+    assert sum(len(v) for v in trained.values()) == 7
+    meta = read_bundle_meta(tiny_bundle(case_root.parent / "b_unpaired", training={
+        "data": {"split": [3, 1, 3], "split_seed": 5, "paired": False}}))
+    test = evaluation.bundle_split(meta, case_root, "test")
+    assert test and test == [c for c in trained["test"] if (c / "cta_arterial.nii.gz").exists()]
+    assert not {c.name for c in test} & {c.name for c in trained["train"]}  # never a training case
+    # what evaluation did before: a re-split of only the paired cases, with training cases in it
+    paired_only = cases.split_cases(cases.find_cases(case_root, ("ct", "cta_arterial")), (3, 1, 3), 5)["test"]
+    assert {c.name for c in paired_only} & {c.name for c in trained["train"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# regions and ROI names
+# ---------------------------------------------------------------------------------------------
+def test_regions_order_and_bundle_roi_names(tmp_path):
+    assert regions.metric_regions() == ("whole", "body", "liver", "tumor")
+    assert regions.metric_regions(["lesion", "body"]) == ("whole", "body", "lesion")
+    assert regions.ordered_regions(["tumor", "x", "whole", "liver"]) == ["whole", "liver", "tumor", "x"]
+    assert regions.roi_names_from_training({"config": {"data": {"masks": ["lesion"]}}}) == ("lesion",)
+    assert regions.roi_names_from_training({}) == regions.DEFAULT_ROIS
+
+
+def test_metrics_regions_come_from_the_bundle_roi_names(tmp_path):
+    vol = io.Volume(np.where(np.hypot(*np.mgrid[:8, :32, :32][1:] - 16) < 12, 40.0, -1000.0).astype(np.float32),
+                    (2.0, 2.0, 3.0))
+    lesion = np.zeros(vol.shape, bool)
+    lesion[2:6, 12:18, 12:18] = True
+    tr = VolumeTranslator(load_bundle(tiny_bundle(tmp_path / "b", rois=["lesion"])), device="cpu")
+    assert tr.roi_names == ("lesion",)
+    res = tr.translate(vol, masks={"lesion": lesion}, reference=vol)
+    assert list(res.metrics) == ["whole", "body", "lesion"]
+
+
+# ---------------------------------------------------------------------------------------------
+# identity baseline and windows
+# ---------------------------------------------------------------------------------------------
+def test_identity_baseline_is_the_same_for_every_ct_window(tmp_path):
+    """CT -> CT: the identity row is the source in HU, whatever the model's windows."""
+    z, y, x = np.mgrid[:8, :32, :32]
+    body = np.hypot(y - 16, x - 16) < 13
+    src = np.where(body, 50.0 + 900.0 * (np.hypot(y - 16, x - 16) < 3), -1000.0).astype(np.float32)
+    vol = io.Volume(src, (2.0, 2.0, 3.0))
+    ref = io.Volume(np.where(body, src + 30.0, -1000.0).astype(np.float32), (2.0, 2.0, 3.0))
+    rows = []
+    for window in ("ct_abdomen", "ct_wide"):
+        tr = VolumeTranslator(load_bundle(tiny_bundle(tmp_path / window, source_preset=window, target_preset=window)),
+                              device="cpu", baseline_metrics=True)
+        rows.append(tr.translate(vol, reference=ref).baseline_metrics)
+    assert rows[0] == rows[1]
+    assert rows[0]["body"]["mae"] == pytest.approx(30.0, abs=1e-3)  # unclipped: bone and air kept
+
+
+def test_window_warnings_name_what_cannot_be_represented(tmp_path):
+    narrow = read_bundle_meta(tiny_bundle(tmp_path / "narrow", target_preset="ct_abdomen"))
+    assert represent_warnings(narrow) and "air (-1000 HU)" in represent_warnings(narrow)[0] \
+        and "bone (1000 HU)" in represent_warnings(narrow)[0]
+    assert represent_warnings(read_bundle_meta(tiny_bundle(tmp_path / "wide", target_preset="ct_wide"))) == []
+    info = ModelInfo("narrow", tmp_path / "narrow", "user", meta=narrow)
+    choice = app.model_choice(info)
+    assert choice.warnings == represent_warnings(narrow) and choice.units == "HU"
+
+
+def test_every_shipped_demo_model_represents_air_and_bone():
+    shipped = app.bundled_models()
+    assert len(shipped) >= 3
+    for path in shipped:
+        assert represent_warnings(read_bundle_meta(path)) == [], path.name
+
+
+# ---------------------------------------------------------------------------------------------
+# capabilities and model choices
+# ---------------------------------------------------------------------------------------------
+def test_capabilities_are_declared_by_the_method(tmp_path):
+    plain = meta_capabilities(read_bundle_meta(tiny_bundle(tmp_path / "p")))
+    assert not plain.stochastic and plain.uncertainty is None
+    mc = meta_capabilities(read_bundle_meta(tiny_bundle(tmp_path / "mc", test_time_dropout=True)))
+    assert mc.stochastic and mc.uncertainty == "std" and mc.uncertainty_needs_samples
+    from MedTranslateLib.methods import get_method_class
+
+    bbdm = get_method_class("bbdm").capabilities_for(get_method_class("bbdm").Config())
+    resshift = get_method_class("resshift").capabilities_for(get_method_class("resshift").Config())
+    assert bbdm.steps and not resshift.steps and bbdm.shared_noise and resshift.stochastic
+    dgpg = get_method_class("dgpg").capabilities_for(get_method_class("dgpg").Config())
+    assert dgpg.uncertainty == "variance" and not dgpg.uncertainty_needs_samples
+
+
+def test_model_choices_carry_capabilities_rois_and_units():
+    choices = {c.name: c for c in app.model_choices()}
+    assert {"pix2pix_ct_cta_demo", "resshift_ct_cta_demo", "dgpg_t1_ct_demo"} <= set(choices)
+    assert choices["resshift_ct_cta_demo"].steps and not choices["pix2pix_ct_cta_demo"].steps
+    assert choices["dgpg_t1_ct_demo"].capabilities["uncertainty"] == "variance"
+    assert choices["pix2pix_ct_cta_demo"].units == "HU" and choices["pix2pix_ct_cta_demo"].rois == ("liver", "tumor")
+    assert set(c.name for c in app.model_choices("t1")) >= {"dgpg_t1_ct_demo"}
+    assert "pix2pix_ct_cta_demo" not in {c.name for c in app.model_choices("t1")}
+
+
+# ---------------------------------------------------------------------------------------------
+# slicing spec
+# ---------------------------------------------------------------------------------------------
+def test_the_engine_slices_with_the_bundle_slice_spec(tmp_path):
+    z, y, x = np.mgrid[:6, :40, :40]
+    vol = io.Volume(np.where(np.hypot(y - 20, x - 20) < 10, 40.0, -1000.0).astype(np.float32), (2.0, 2.0, 3.0))
+    boxes = []
+    for margin in (0.05, 0.4):
+        b = tiny_bundle(tmp_path / f"m{margin}", slice_spec={"size": 32, "axis": 0, "margin": margin})
+        assert read_bundle_meta(b).slice.margin == margin
+        boxes.append(VolumeTranslator(load_bundle(b), device="cpu").translate(vol).info["box"])
+    (r0, r1, _, _), (s0, s1, _, _) = boxes
+    assert s1 - s0 > r1 - r0  # a wider margin, a wider crop box
+
+
+def test_old_bundles_keep_the_default_slice_spec(tmp_path):
+    b = tiny_bundle(tmp_path / "old")
+    meta_file = b / "medtranslate.yaml"
+    text = meta_file.read_text()
+    assert "margin: 0.05" in text
+    meta_file.write_text(text.replace("  margin: 0.05\n", ""))  # as written before the spec was whole
+    assert read_bundle_meta(b).slice.margin == 0.05
+
+
+# ---------------------------------------------------------------------------------------------
+# runtime
+# ---------------------------------------------------------------------------------------------
+def test_one_precision_parser_for_inference_and_training():
+    cpu = torch.device("cpu")
+    assert runtime.Precision.parse("auto").autocast_dtype(cpu) is None
+    assert runtime.Precision.parse("bf16-mixed").autocast_dtype(cpu) is torch.bfloat16
+    assert runtime.Precision.parse("16").lightning(False) == "16-mixed"
+    assert runtime.Precision.parse("auto").lightning(False) == "32-true"
+    assert runtime.Precision.parse("32").lightning(False, given="32") == "32"
+    with pytest.raises(ValueError, match="unknown precision"):
+        runtime.Precision.parse("fp8")
+    assert runtime.local_device("auto", {}) == "auto" and runtime.local_device("cpu", {"WORLD_SIZE": "2"}) == "cpu"
+    assert runtime.distributed_env({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == (1, 2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# a translation through the application layer
+# ---------------------------------------------------------------------------------------------
+def test_run_translation_roi_slices_cache_and_cancel(case_root, tmp_path):
+    bundle = tiny_bundle(tmp_path / "b")
+    case = cases.read_case(cases.case_files(case_root / "case_000", "ct", "cta_arterial"))
+    cache = app.ModelCache()
+    opts = app.TranslationOptions(model=str(bundle), device="cpu", slices=app.ALL_ROIS, extent_margin=0)
+    out = app.run_translation(app.TranslationRequest(case, opts), cache=cache)
+    z = np.flatnonzero((case.masks["liver"] | case.masks["tumor"]).any(axis=(1, 2)))
+    assert out.result.slice_range == (z[0], z[-1] + 1)
+    assert cache.get(opts) is out.translator  # loaded once
+    assert out.model_name == "b"
+    no_rois = cases.Case("x", case.source, {regions.BODY: case.masks[regions.BODY]}, None)
+    with pytest.raises(app.UserError, match="needs an ROI mask"):
+        app.run_translation(app.TranslationRequest(no_rois, opts), cache=cache)
+    from MedTranslateLib.engine import TranslationCancelled
+
+    with pytest.raises(TranslationCancelled):
+        app.run_translation(app.TranslationRequest(case, opts), cache=cache, cancel=lambda: True)
+    assert app.readable_error(TranslationCancelled("x")).startswith("Cancelled")
+
+
+def test_write_case_folder_is_all_or_nothing(case_root, tmp_path):
+    bundle = tiny_bundle(tmp_path / "b")
+    case = cases.read_case(cases.case_files(case_root / "case_000", "ct", "cta_arterial"))
+    outcome = app.run_translation(app.TranslationRequest(case, app.TranslationOptions(model=str(bundle), device="cpu")))
+    folder = tmp_path / "out" / "case_000"
+    written = app.write_case_folder(outcome, folder)
+    assert {p.name for p in written} == {"cta_arterial_synthetic.nii.gz", "difference.nii.gz",
+                                         "reference_difference.nii.gz", "metrics.json"}
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(app.UserError, match="holds other files"):
+        app.write_case_folder(outcome, folder)
+    assert (folder / "notes.txt").read_text() == "mine"
+    (folder / "notes.txt").unlink()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    shutil.rmtree(folder)
