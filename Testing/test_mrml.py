@@ -639,7 +639,7 @@ def test_failure_while_adding_results_rolls_back(scene, sample, bundles, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("table failed")
 
-    monkeypatch.setattr(mrml, "_metrics_table", broken)
+    monkeypatch.setattr(mrml.results, "_metrics_table", broken)
     with pytest.raises(RuntimeError, match="table failed"):
         run.finish(result)
     assert node_ids(scene) == before  # synthetic, difference maps and colour table removed again

@@ -227,7 +227,7 @@ def consistency(name: str, device: torch.device, seed: int = 0) -> dict | None:
     from MedTranslateLib import phantom
 
     case = phantom.generate_case(phantom.case_seed(seed, 0))
-    translator = engine.VolumeTranslator(path, device=str(device))
+    translator = engine.VolumeTranslator(load_bundle(path), device=str(device))
     meta = translator.bundle.meta
     masks = {"body": case.masks["labels"], "liver": case.masks["liver"]}
     out = {"model": path.name}

@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as exc:
         if os.environ.get("MEDTRANSLATE_DEBUG"):
             raise
-        text = str(exc).strip()
-        message = text.splitlines()[0] if text else type(exc).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        from MedTranslateLib.runtime import first_line
+
+        print(f"{PROG}: error: {first_line(exc)}", file=sys.stderr)
         return 2
     if training.is_global_zero():
         print(f"bundle: {bundle}")

@@ -1,0 +1,179 @@
+"""The panel's flow on nodes: dependencies, input checks, reading a request from nodes, the
+translation run (work by ``app.run_translation``) and its result nodes."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..app import (
+    ModelCache,
+    ModelChoice,
+    TranslationOptions,
+    TranslationRequest,
+    UserError,
+    run_translation,
+)
+from ..modality import modality_label
+from ..regions import DEFAULT_ROIS
+from .nodes import _name, mask_from_node, source_modality, volume_from_node
+from .results import ResultNodes, add_result_nodes
+
+#: Import name -> pip requirement of what the engine needs beyond Slicer's own Python
+#: (Slicer ships numpy, SimpleITK and VTK). torch comes first: the others depend on it.
+DEPENDENCIES: tuple[tuple[str, str], ...] = (
+    ("torch", "torch>=2.4"),
+    ("monai", "monai>=1.4"),
+    ("safetensors", "safetensors>=0.4"),
+    ("yaml", "pyyaml>=6"),
+    ("scipy", "scipy>=1.11"),
+)
+
+
+def missing_dependencies(find_spec: Callable[[str], Any] = importlib.util.find_spec) -> list[str]:
+    """pip requirements (``DEPENDENCIES``) whose module cannot be found (nothing is imported)."""
+    missing = []
+    for module, requirement in DEPENDENCIES:
+        try:
+            found = find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(requirement)
+    return missing
+
+
+def dependency_requirements(missing: Sequence[str]) -> tuple[bool, list[str]]:
+    """(torch is missing, the other missing requirements): torch is installed separately
+    (PyTorchUtils picks the build for the GPU and driver)."""
+    torch_missing = any(r.split(">")[0].split("=")[0].strip() == "torch" for r in missing)
+    return torch_missing, [r for r in missing if r.split(">")[0].split("=")[0].strip() != "torch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+def check_inputs(source_node: Any, *, model: ModelChoice | None = None, dependencies_missing: Sequence[str] = (),
+                 liver: tuple[Any, str | None] | None = None, tumor: tuple[Any, str | None] | None = None,
+                 reference_node: Any | None = None, roi_only: bool = False) -> tuple[bool, str]:
+    """(Apply can run, one line for the user: what is missing, or what Apply will do)."""
+    if source_node is None:
+        return False, "Select a source volume (or click 'Load sample data')."
+    if source_node.GetImageData() is None:
+        return False, f"The source volume '{_name(source_node)}' has no image data."
+    if reference_node is not None and reference_node.GetID() == source_node.GetID():
+        return False, "The reference must be another volume than the source (or none)."
+    rois = _roi_choices(liver, tumor, model)
+    for role, choice in rois.items():
+        if choice[0] is not None and not choice[1]:
+            return False, f"Select the {role} segment of '{_name(choice[0])}' (or no {role} mask)."
+    has_roi = any(c[0] is not None for c in rois.values())
+    if roi_only and not has_roi:
+        return False, "'Only slices with the ROI' needs a liver or tumor mask."
+    if dependencies_missing:
+        names = ", ".join(r.split(">")[0] for r in dependencies_missing)
+        return True, f"Apply will first install the missing Python packages ({names}), then list the models."
+    if model is None:
+        modality = source_modality(source_node)
+        which = f" for {modality_label(modality)} sources" if modality else ""
+        return False, f"No model{which}: add a bundle with 'Add model…'."
+    if model.error:
+        return False, f"Model '{model.name}' cannot be used: {model.error}"
+    return True, (f"Ready: {_name(source_node)} → synthetic {modality_label(model.target)} with {model.name}"
+                  f"{' (metrics vs. the reference)' if reference_node is not None else ''}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# running (the application layer does the work; this reads nodes and adds result nodes)
+# ---------------------------------------------------------------------------------------------
+def _roi_choices(liver: Any, tumor: Any, model: Any = None) -> dict[str, tuple[Any, str | None]]:
+    """The panel's two mask selectors by the model's ROI names (its first two; liver and tumor
+    by default): {roi name: (node, segment / label key)}."""
+    names = tuple(getattr(model, "rois", None) or DEFAULT_ROIS)
+    names = (names + DEFAULT_ROIS)[:2] if len(names) < 2 else names[:2]
+    return {name: choice for name, choice in zip(names, (liver, tumor), strict=True)
+            if choice is not None and choice[0] is not None}
+
+
+def read_request(source_node: Any, options: TranslationOptions, *, liver: tuple[Any, str] | None = None,
+                 tumor: tuple[Any, str] | None = None, reference_node: Any | None = None,
+                 model: Any = None) -> TranslationRequest:
+    """Read the source, the masks (``(node, key)``, on the source grid; named by the model's ROI
+    names) and the reference (in the source's frame) from their nodes into an application
+    ``TranslationRequest``. Nodes are only read."""
+    from ..cases import Case
+
+    source = volume_from_node(source_node)
+    masks = {}
+    for role, (node, key) in _roi_choices(liver, tumor, model).items():
+        if not key:
+            raise ValueError(f"{_name(node)}: choose which segment is the {role}")
+        masks[role] = mask_from_node(node, key, source, frame_node=source_node)
+    if options.roi_only and not masks:
+        raise UserError("'Only slices with the ROI' needs an ROI mask (e.g. the liver or tumor)")
+    reference = None
+    if reference_node is not None:
+        reference = volume_from_node(reference_node, frame_node=source_node)
+    return TranslationRequest(Case(_name(source_node), source, masks, reference), options)
+
+
+class TranslationRun:
+    """One translation: ``__init__`` reads the inputs (GUI thread), ``work`` translates (any
+    thread, touches no node: ``app.run_translation``), ``finish`` adds the result nodes (GUI
+    thread)."""
+
+    def __init__(self, scene: Any, source_node: Any, options: TranslationOptions, *,
+                 liver: tuple[Any, str] | None = None, tumor: tuple[Any, str] | None = None,
+                 reference_node: Any | None = None, translators: ModelCache | None = None,
+                 model: Any = None) -> None:
+        if source_node is None:
+            raise ValueError("select a source volume")
+        self.scene = scene
+        self.source_node = source_node
+        self.reference_node = reference_node
+        self.options = options
+        self.request = read_request(source_node, options, liver=liver, tumor=tumor, reference_node=reference_node,
+                                    model=model)
+        self.translators = translators
+        self.translator: Any = None
+
+    def work(self, progress: Callable | None = None, cancel: Any = None,
+             message: Callable[[str], None] | None = None) -> Any:
+        """The engine's ``Result`` (``self.translator`` is the model it came from)."""
+        outcome = run_translation(self.request, cache=self.translators, progress=progress, cancel=cancel,
+                                  message=message)
+        self.translator = outcome.translator
+        return outcome.result
+
+    def job(self) -> Any:
+        """A ``worker.Job`` running ``work`` (start it, poll it, then call ``finish(job.result)``)."""
+        from ..engine import TranslationCancelled
+        from ..worker import Job
+
+        job: Any = None
+
+        def work(progress: Callable, cancelled: Callable[[], bool]) -> Any:
+            return self.work(progress, cancelled, message=job.set_message)
+
+        job = Job(work, name=f"MedTranslate: {self.request.source_name}",
+                  cancelled_exceptions=(TranslationCancelled,))
+        return job
+
+    def finish(self, result: Any) -> ResultNodes:
+        if self.translator is None:
+            raise RuntimeError("TranslationRun.finish before work")
+        meta = self.translator.bundle.meta
+        return add_result_nodes(self.scene, self.source_node, result, method=meta.method,
+                                model=self.translator.model_name, target=meta.target.modality,
+                                reference_node=self.reference_node, options=self.options)
+
+
+def translate_nodes(scene: Any, source_node: Any, options: TranslationOptions, *,
+                    liver: tuple[Any, str] | None = None, tumor: tuple[Any, str] | None = None,
+                    reference_node: Any | None = None, progress: Callable | None = None, cancel: Any = None,
+                    translators: ModelCache | None = None, model: Any = None) -> ResultNodes:
+    """The whole flow on the calling thread (Python console, tests)."""
+    run = TranslationRun(scene, source_node, options, liver=liver, tumor=tumor, reference_node=reference_node,
+                         translators=translators, model=model)
+    return run.finish(run.work(progress, cancel))
