@@ -187,7 +187,7 @@ def _callers(function: str) -> set[str]:
 
 def test_the_case_split_is_made_in_one_place():
     assert _callers("split_cases") == {"MedTranslateLib/cases.py"}  # inside model_split
-    assert {"MedTranslateLib/training.py", "MedTranslateLib/evaluation.py"} <= _callers("model_split")
+    assert {"MedTranslateLib/training/data.py", "MedTranslateLib/evaluation.py"} <= _callers("model_split")
     assert "MedTranslateLib/cli.py" in _callers("find_case_files")
 
 

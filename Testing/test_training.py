@@ -251,7 +251,7 @@ def test_checkpoint_io_is_atomic_and_weights_only(tmp_path):
 def test_rng_state_round_trip():
     import random
 
-    from MedTranslateLib.training import _rng_state, _set_rng_state
+    from MedTranslateLib.training.state import _rng_state, _set_rng_state
 
     state = _rng_state()
     first = (torch.rand(3), np.random.rand(3), random.random())
