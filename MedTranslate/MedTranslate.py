@@ -364,10 +364,13 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if pn.model != current:
             pn.model = current
         choice = self._currentModel()
+        # the two mask selectors take the model's ROI names (liver and tumor by default)
+        for label, roi in zip((self.ui.liverMaskLabel, self.ui.tumorMaskLabel), mrml.roi_roles(choice), strict=True):
+            label.text = _("{roi} mask:").format(roi=roi.replace("_", " ").capitalize())
         if choice is not None:
             where = _("your model folder") if choice.origin == "user" else _("bundled with MedTranslate")
             self.ui.modelInfoLabel.text = choice.error or f"{choice.method}: {mrml.modality_label(choice.source)} → " \
-                f"{mrml.modality_label(choice.target)}, {where}"
+                f"{mrml.modality_label(choice.target)}, {where}" + "".join(f"\n⚠ {w}" for w in choice.warnings)
         elif self._missing:
             self.ui.modelInfoLabel.text = _("Models are listed once the Python packages are installed (Apply).")
         elif not items:
@@ -827,7 +830,7 @@ class MedTranslateTest(ScriptedLoadableModuleTest):
                 "tumorMaskSelector", "tumorRegionComboBox", "referenceVolumeSelector", "sampleDataButton",
                 "modelComboBox", "addModelButton", "deviceComboBox", "stepsSpinBox", "numSamplesSpinBox",
                 "roiOnlyCheckBox", "roiMarginSpinBox", "seedSpinBox", "statusLabel", "applyButton", "progressBar",
-                "resultsLabel", "showResultsButton")
+                "resultsLabel", "showResultsButton", "liverMaskLabel", "tumorMaskLabel")
 
     def setUp(self):
         """Do whatever is needed to reset the state - typically a scene clear will be enough."""

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from MedTranslateLib import app, cases, evaluation, io, phantom, regions, runtime
-from MedTranslateLib.bundle import load_bundle, meta_capabilities, read_bundle_meta, represent_warnings, save_bundle
+from MedTranslateLib.bundle import (
+    load_bundle,
+    meta_capabilities,
+    read_bundle_meta,
+    represent_warnings,
+    save_bundle,
+)
 from MedTranslateLib.engine import VolumeTranslator
 from MedTranslateLib.methods import build_method
 from MedTranslateLib.model_store import ModelInfo

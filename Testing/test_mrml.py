@@ -22,8 +22,8 @@ import slicer  # slicer-core (requirements-dev.txt): real MRML without the Slice
 import vtk
 from conftest import rotation_direction
 
-from MedTranslateLib import io as mio
 from MedTranslateLib import app, mrml, phantom
+from MedTranslateLib import io as mio
 from MedTranslateLib.worker import JobState
 
 LPS = np.diag([-1.0, -1.0, 1.0])
@@ -529,6 +529,16 @@ def test_results_follow_the_source_parent_transform(scene, sample, bundles):
     assert nodes.difference.GetTransformNodeID() == transform.GetID()
 
 
+def test_masks_take_the_model_roi_names(scene, sample, bundles):
+    """The panel's two mask selectors are the model's first two ROIs (liver, tumor by default)."""
+    assert mrml.roi_roles(None) == ("liver", "tumor")
+    assert mrml.roi_roles(SimpleNamespace(rois=("lesion",))) == ("lesion", "liver")
+    request = mrml.read_request(sample.source, options(bundles.plain), liver=(sample.segmentation, "liver"),
+                                tumor=(sample.segmentation, "tumor"), model=SimpleNamespace(rois=("lesion", "organ")))
+    assert set(request.masks) == {"lesion", "organ"}
+    assert request.masks["organ"].sum() > 0 and request.masks["lesion"].sum() > 0
+
+
 def test_roi_only_translates_the_roi_slices(scene, case, sample, bundles):
     progress = []
     nodes = mrml.translate_nodes(scene, sample.source, options(bundles.plain, slices=app.ALL_ROIS, extent_margin=1),
@@ -864,6 +874,7 @@ def test_module_widget_flow_with_fake_qt(scene, medtranslate_module, bundles, mo
     assert pn.sourceVolume is not None and pn.liverRegion == "liver" and pn.tumorRegion == "tumor"
     assert [d for _, d in widget.ui.liverRegionComboBox.items] == ["liver", "tumor"]
     assert pn.model in ("tiny_pix2pix", "tiny_mc_dropout")
+    assert (widget.ui.liverMaskLabel.text, widget.ui.tumorMaskLabel.text) == ("Liver mask:", "Tumor mask:")
     pn.model = "tiny_pix2pix"
     pn.device = "cpu"
     assert widget.ui.applyButton.enabled, widget.ui.statusLabel.text

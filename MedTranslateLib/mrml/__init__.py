@@ -83,6 +83,7 @@ from .run import (
     dependency_requirements,
     missing_dependencies,
     read_request,
+    roi_roles,
     translate_nodes,
 )
 from .sample import SampleNodes, add_phantom_case
@@ -98,7 +99,7 @@ __all__ = [
     "mask_choices", "default_mask_choice", "mask_from_node",
     "source_modality", "modality_family", "modality_label", "model_fits",
     "missing_dependencies", "dependency_requirements", "device_choices", "ModelChoice", "model_choices",
-    "check_inputs", "TranslationOptions", "TranslationRequest", "read_request",
+    "check_inputs", "roi_roles", "TranslationOptions", "TranslationRequest", "read_request",
     "TranslatorCache", "TranslationRun", "translate_nodes",
     "ResultNodes", "result_name", "add_result_nodes", "metrics_summary", "difference_color_node",
     "uncertainty_color_node", "result_layout_xml", "result_view_assignments", "show_results",

@@ -87,12 +87,17 @@ def check_inputs(source_node: Any, *, model: ModelChoice | None = None, dependen
 # ---------------------------------------------------------------------------------------------
 # running (the application layer does the work; this reads nodes and adds result nodes)
 # ---------------------------------------------------------------------------------------------
+def roi_roles(model: Any = None) -> tuple[str, str]:
+    """The ROI names of the panel's two mask selectors: the model's first two ROI names
+    (``app.ModelChoice.rois``), filled up from ``regions.DEFAULT_ROIS``."""
+    names = [*(getattr(model, "rois", None) or DEFAULT_ROIS)]
+    names += [r for r in DEFAULT_ROIS if r not in names]
+    return names[0], names[1]
+
+
 def _roi_choices(liver: Any, tumor: Any, model: Any = None) -> dict[str, tuple[Any, str | None]]:
-    """The panel's two mask selectors by the model's ROI names (its first two; liver and tumor
-    by default): {roi name: (node, segment / label key)}."""
-    names = tuple(getattr(model, "rois", None) or DEFAULT_ROIS)
-    names = (names + DEFAULT_ROIS)[:2] if len(names) < 2 else names[:2]
-    return {name: choice for name, choice in zip(names, (liver, tumor), strict=True)
+    """The panel's two mask selectors by ``roi_roles(model)``: {roi name: (node, segment key)}."""
+    return {name: choice for name, choice in zip(roi_roles(model), (liver, tumor), strict=True)
             if choice is not None and choice[0] is not None}
 
 
