@@ -109,7 +109,7 @@ def _options(args: argparse.Namespace, device: str):
         except ValueError:
             raise CLIError(f"--slices must be FIRST:LAST (e.g. 10:40), got {args.slices!r}") from None
     return app.TranslationOptions(model=args.model, device=device, steps=args.steps, num_samples=args.num_samples,
-                                  seed=args.seed, slices=slices, extent_margin=args.roi_margin,
+                                  seed=args.seed, slices=slices, extent_margin=args.extent_margin,
                                   batch_size=args.batch_size, precision=args.precision,
                                   shared_noise=args.shared_noise)
 
@@ -455,8 +455,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--slices", default=None, metavar="FIRST:LAST", help="translate only these slices")
     g.add_argument("--roi", default=None, metavar="NAME",
-                   help="translate only the slices holding this ROI mask (+- --roi-margin)")
-    p.add_argument("--roi-margin", type=int, default=4, help="slices kept on each side of the --roi mask's extent")
+                   help="translate only the slices holding this ROI mask (+- --extent-margin)")
+    p.add_argument("--extent-margin", "--roi-margin", dest="extent_margin", type=int, default=4,
+                   help="slices kept on each side of the --roi mask's extent (not the training's data.roi_margin)")
     p.add_argument("--shared-noise", action="store_true", help="same noise for every slice (diffusion methods)")
     p.set_defaults(func=_cmd_translate)
 

@@ -63,6 +63,21 @@ def test_single_volume_with_all_outputs(bundle, case, tmp_path, capsys):
     assert "synthetic:" in stdout and "liver" in stdout
 
 
+def test_masks_by_roi_name_and_roi_slices(bundle, case, tmp_path, capsys):
+    """--mask NAME=FILE names a mask by the model's ROI name; --roi NAME translates the slices of
+    that mask's extent +- --extent-margin; metrics cover exactly the ROIs given."""
+    out = tmp_path / "out"
+    code, _, err = run(["--model", bundle, "--input", case / "ct.nii.gz", "--output", out / "syn.nii.gz",
+                        "--mask", f"tumor={case / 'tumor.nii.gz'}", "--roi", "tumor", "--extent-margin", "0",
+                        "--reference", case / "cta_arterial.nii.gz", "--metrics", out / "m.json", "--device", "cpu"],
+                       capsys)
+    assert code == 0, err
+    doc = json.loads((out / "m.json").read_text())
+    assert list(doc["metrics"]) == ["whole", "body", "tumor"]
+    z = np.flatnonzero(io.read_volume(case / "tumor.nii.gz").array.any(axis=(1, 2)))
+    assert doc["slice_range"] == [int(z[0]), int(z[-1]) + 1]
+
+
 def test_same_seed_same_file(bundle, case, tmp_path, capsys):
     args = ["--model", bundle, "--input", case / "ct.nii.gz", "--device", "cpu", "--seed", "7", "--output"]
     assert run([*args, tmp_path / "a.nii.gz"], capsys)[0] == 0
@@ -168,6 +183,8 @@ def _write_far_mask(path):
     ("uncertainty undefined", "defines no uncertainty"),
     ("metrics without reference", "needs --reference"),
     ("mask option for a folder", "applies to a single input"),
+    ("mask without a name", "--mask must be NAME=FILE"),
+    ("roi the model lacks", "the model's ROI masks are liver, tumor"),
 ])
 def test_bad_input_one_line_nonzero_no_output(problem, expect, bundle, case, tmp_path, capsys):
     out_dir = tmp_path / "out"
@@ -210,6 +227,10 @@ def test_bad_input_one_line_nonzero_no_output(problem, expect, bundle, case, tmp
         source = case
         output = out_dir / "cases"
         extra = ["--liver", case / "liver.nii.gz"]
+    elif problem == "mask without a name":
+        extra = ["--mask", case / "liver.nii.gz"]
+    elif problem == "roi the model lacks":
+        extra = ["--roi", "spleen"]
     before = files_under(case)
     code, stdout, err = run(["--model", model, "--input", source, "--output", output, "--device", device,
                              *extra], capsys)
