@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .cases import Case
 
 __all__ = ["UserError", "readable_error", "ModelChoice", "model_choices", "model_choice", "load_model",
-           "bundled_models", "ModelCache", "TranslationOptions", "TranslationRequest", "TranslationOutcome",
+           "bundled_models", "phantom_case", "ModelCache", "TranslationOptions", "TranslationRequest", "TranslationOutcome",
            "ALL_ROIS", "METRICS_FILE", "run_translation", "output_files", "write_json", "write_outputs",
            "write_case_folder", "metrics_document"]
 
@@ -268,6 +268,22 @@ class TranslationOutcome:
     @property
     def model_name(self) -> str:
         return self.translator.model_name
+
+
+def phantom_case(phantom_case: Any, source: str, target: str | None = None) -> Case:
+    """A ``cases.Case`` from a generated ``phantom.PhantomCase``: its ``source`` image, its ROI
+    masks (liver, tumor), the body from its label map, and its ``target`` image as the reference
+    (the demo, the Slicer sample data, a web front end's sample case). KeyError names a modality
+    the phantom does not render."""
+    from .cases import BODY_LABELS, Case
+    from .regions import BODY
+
+    if source not in phantom_case.images:
+        raise KeyError(f"the phantom has no {source!r} image")
+    masks = {name: m.array > 0 for name, m in phantom_case.masks.items() if name != BODY_LABELS}
+    masks[BODY] = phantom_case.masks[BODY_LABELS].array > 0
+    reference = phantom_case.images.get(target) if target else None
+    return Case(f"phantom seed {phantom_case.seed}", phantom_case.images[source], masks, reference)
 
 
 def _slice_range(request: TranslationRequest, translator: Any) -> tuple[int, int] | str | None:

@@ -292,8 +292,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from . import app, phantom
     from .bundle import read_bundle_meta
-    from .cases import Case
-    from .regions import BODY
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -303,18 +301,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     case_dir = phantom.write_case(ph, out / "phantom")
     report: dict = {"case": {"folder": str(case_dir), "seed": seed, "dataset_seed": args.seed,
                              "tumors": len(ph.info.get("tumors", []))}, "models": {}}
-    masks = {name: m.array > 0 for name, m in ph.masks.items() if name != "labels"}
-    masks[BODY] = ph.masks["labels"].array > 0
     print(f"phantom case: {case_dir}")
     cache = app.ModelCache()
     for path in models:
         meta = read_bundle_meta(path)
         name = path.name[:-4] if path.name.lower().endswith(".zip") else path.name
-        source, reference = ph.images.get(meta.source.modality), ph.images.get(meta.target.modality)
-        if source is None:
+        if meta.source.modality not in ph.images:
             print(f"{name}: skipped (the phantom has no {meta.source.modality!r} image)")
             continue
-        case = Case(f"phantom seed {seed}", source, masks, reference)
+        case = app.phantom_case(ph, meta.source.modality, meta.target.modality)
         options = app.TranslationOptions(model=str(path), device=args.device, seed=args.seed)
         bar = _ProgressBar(name)
         try:
