@@ -151,9 +151,11 @@ class MedTranslateParameterNode:
 
     sourceVolume: vtkMRMLScalarVolumeNode
     referenceVolume: vtkMRMLScalarVolumeNode
-    liverMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007 (the wrapper needs typing.Union)
+    # A Union must hold None (Slicer's UnionSerializer writes the default None through one of its
+    # members) and be a typing.Union (PEP 604 unions only from Slicer 5.10).
+    liverMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
     liverRegion: str = ""
-    tumorMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
+    tumorMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
     tumorRegion: str = ""
     model: str = ""
     device: str = "auto"

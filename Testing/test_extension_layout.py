@@ -401,9 +401,10 @@ def _annotation_kind(annotation: ast.expr) -> tuple[str, tuple]:
                   if isinstance(e, ast.Call) and ast.unparse(e.func) == "WithinRange"]
         return ast.unparse(base), ranges[0] if ranges else ()
     if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Union":
-        return "nodes", tuple(ast.unparse(e) for e in annotation.slice.elts)
+        # None is how a Union says "no node" (it has no node type of its own)
+        return "nodes", tuple(ast.unparse(e) for e in annotation.slice.elts if ast.unparse(e) != "None")
     if isinstance(annotation, ast.BinOp):
-        return "nodes", tuple(part.strip() for part in text.split("|"))
+        return "nodes", tuple(p.strip() for p in text.split("|") if p.strip() != "None")
     if text.startswith("vtkMRML"):
         return "nodes", (text,)
     return text, ()

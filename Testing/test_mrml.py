@@ -15,12 +15,15 @@ import hashlib
 import math
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
+from typing import Annotated, Union
 
 import numpy as np
+import parameter_node_rules
 import pytest
 import slicer  # slicer-core (requirements-dev.txt): real MRML without the Slicer application
 import vtk
 from conftest import rotation_direction
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode
 
 from MedTranslateLib import app, mrml, phantom
 from MedTranslateLib import io as mio
@@ -732,7 +735,9 @@ def medtranslate_module(monkeypatch, scene):
 
     stub("qt", QIcon=lambda path: path)
     stub("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
-    stub("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda cls: cls, WithinRange=lambda lo, hi: (lo, hi))
+    # not a stand-in that accepts anything: a double that enforces Slicer's serializer rules
+    stub("slicer.parameterNodeWrapper", parameterNodeWrapper=parameter_node_rules.parameterNodeWrapper,
+         WithinRange=parameter_node_rules.WithinRange)
     stub("slicer.ScriptedLoadableModule", **{n: type(n, (Base,), {}) for n in (
         "ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
         "ScriptedLoadableModuleWidget")})
@@ -742,6 +747,40 @@ def medtranslate_module(monkeypatch, scene):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_parameter_node_rules_are_those_of_slicers_serializers():
+    """The double refuses what Slicer's parameterNodeWrapper refuses (see parameter_node_rules)."""
+    rules = parameter_node_rules
+
+    class NoNone:  # the module's annotation before: the real wrapper raises on None
+        mask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # noqa: UP007
+
+    class WithNone:
+        mask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
+        steps: Annotated[int, parameter_node_rules.WithinRange(0, 10)] = 3
+        name: str = ""
+
+    class Pep604:
+        mask: vtkMRMLSegmentationNode | None
+
+    class OutOfRange:
+        steps: Annotated[int, parameter_node_rules.WithinRange(1, 10)] = 0
+
+    class NoneString:
+        name: str = None
+
+    assert "Unable to write value 'None'" in rules.check_parameter_class(NoNone)[0]
+    assert rules.check_parameter_class(WithNone) == []
+    assert "PEP 604" in rules.check_parameter_class(Pep604)[0]
+    assert "not within" in rules.check_parameter_class(OutOfRange)[0]
+    assert rules.check_parameter_class(NoneString)
+    with pytest.raises(TypeError, match="mask"):
+        rules.parameterNodeWrapper(NoNone)
+
+
+def test_the_module_parameter_node_satisfies_the_wrapper(medtranslate_module):
+    assert parameter_node_rules.check_parameter_class(medtranslate_module.MedTranslateParameterNode) == []
 
 
 @pytest.fixture
