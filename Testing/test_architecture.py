@@ -32,7 +32,7 @@ LAYERS: list[set[str]] = [
     {"bundle"},
     {"model_store"},
     {"engine", "training"},
-    {"app"},
+    {"app", "runner"},  # the runner: the application layer in a process of its own
     {"mrml", "evaluation"},  # front ends
     {"cli"},  # the command line also runs evaluation
 ]

@@ -151,8 +151,14 @@ class TranslationRun:
         self.translator = outcome.translator
         return outcome.result
 
-    def job(self) -> Any:
-        """A ``worker.Job`` running ``work`` (start it, poll it, then call ``finish(job.result)``)."""
+    def job(self, *, process: bool = False, python: str | None = None) -> Any:
+        """A job to start and poll, then ``finish(job.result)``: a ``worker.Job`` running ``work``
+        on a thread, or with ``process`` a ``runner.TranslationProcess`` (its own Python process,
+        ``python`` = ``PythonSlicer`` in Slicer: cannot starve under PythonQt, cancel kills it)."""
+        if process:
+            from ..runner import TranslationProcess
+
+            return TranslationProcess(self.request, python=python, name=f"MedTranslate: {self.request.source_name}")
         from ..engine import TranslationCancelled
         from ..worker import Job
 
@@ -166,11 +172,16 @@ class TranslationRun:
         return job
 
     def finish(self, result: Any) -> ResultNodes:
-        if self.translator is None:
+        """Add ``result`` (the engine's, or a translation process's ``ProcessResult``) as nodes."""
+        model = getattr(result, "model", None)
+        if model:  # from a translation process: it names its model
+            method, name, target = model["method"], model["name"], model["target"]
+        elif self.translator is not None:
+            meta = self.translator.bundle.meta
+            method, name, target = meta.method, self.translator.model_name, meta.target.modality
+        else:
             raise RuntimeError("TranslationRun.finish before work")
-        meta = self.translator.bundle.meta
-        return add_result_nodes(self.scene, self.source_node, result, method=meta.method,
-                                model=self.translator.model_name, target=meta.target.modality,
+        return add_result_nodes(self.scene, self.source_node, result, method=method, model=name, target=target,
                                 reference_node=self.reference_node, options=self.options)
 
 
