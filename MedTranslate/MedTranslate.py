@@ -466,7 +466,10 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.WaitCursor():
                 self._run = self.logic.createRun(self._parameterNode)  # reads the inputs on this thread
-            self._job = self._run.job()
+            python = self.logic.translationPython()
+            # its own PythonSlicer process when there is one: PythonQt keeps the GIL while the Qt
+            # loop idles, so a thread would starve; Cancel then ends the process at once
+            self._job = self._run.job(process=python is not None, python=python)
             self._job.start()
         except Exception as error:
             self._run = self._job = None
@@ -757,6 +760,18 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
         return app.TranslationOptions(model=model, device=device or "auto", steps=steps or None,
                                       num_samples=int(numSamples), seed=None if seed is None or seed < 0 else int(seed),
                                       slices=app.ALL_ROIS if roiOnly else None, extent_margin=int(roiMargin))
+
+    @staticmethod
+    def translationPython():
+        """The interpreter the translation process runs in: Slicer's ``PythonSlicer`` (None when
+        it cannot be found: the translation then runs on a thread)."""
+        import shutil
+
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+        candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+        return candidate if os.path.isfile(candidate) else None
 
     def modelChoice(self, model, sourceVolume=None):
         """The ``app.ModelChoice`` named ``model`` (its ROI names, capabilities), or None."""

@@ -644,6 +644,24 @@ def test_background_job_then_finish(scene, sample, bundles):
     assert nodes.synthetic.GetScene() is scene and nodes.metrics_table is None
 
 
+def test_translation_process_then_finish_and_cancel(scene, sample, bundles):
+    """The same run in its own process: the same voxels as on a thread; a cancel adds nothing."""
+    run = mrml.TranslationRun(scene, sample.source, options(bundles.plain), reference_node=sample.reference)
+    job = run.job(process=True).start()
+    assert job.wait(180) is JobState.DONE, (job.error, job.error_details)
+    assert job.progress.text() == "Translating: 16/16 slices"
+    nodes = run.finish(job.result)
+    assert nodes.synthetic.GetAttribute("MedTranslate.Model") == "tiny_pix2pix" and nodes.metrics_table is not None
+    direct = mrml.translate_nodes(scene, sample.source, options(bundles.plain), reference_node=sample.reference)
+    np.testing.assert_array_equal(mrml.volume_from_node(nodes.synthetic).array,
+                                  mrml.volume_from_node(direct.synthetic).array)
+    before = node_ids(scene)
+    cancelled = run.job(process=True).start()
+    cancelled.cancel()
+    assert cancelled.wait(30) is JobState.CANCELLED
+    assert node_ids(scene) == before
+
+
 def test_failure_while_adding_results_rolls_back(scene, sample, bundles, monkeypatch):
     run = mrml.TranslationRun(scene, sample.source, options(bundles.plain), reference_node=sample.reference)
     result = run.work()
