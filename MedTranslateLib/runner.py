@@ -38,7 +38,7 @@ import numpy as np
 from . import io as mio
 from .app import TranslationOptions, TranslationRequest, UserError, readable_error
 from .cases import Case
-from .worker import JobState, Progress
+from .worker import JobBase, JobState
 
 __all__ = ["REQUEST_FILE", "RESULT_FILE", "write_request", "read_request", "write_result", "read_result",
            "ProcessResult", "TranslationProcess", "main"]
@@ -178,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-class TranslationProcess:
+class TranslationProcess(JobBase):
     """One translation in its own process, polled from the GUI thread like ``worker.Job``.
 
     ``python``: the interpreter to run (``PythonSlicer`` in Slicer; default: this one).
@@ -187,21 +187,12 @@ class TranslationProcess:
 
     def __init__(self, request: TranslationRequest, *, python: str | None = None,
                  name: str = "MedTranslate translation") -> None:
+        super().__init__(name)
         self.request = request
         self.python = python or sys.executable
-        self.name = name
-        self._lock = threading.Lock()
-        self._state = JobState.PENDING
-        self._progress = Progress()
-        self._result: ProcessResult | None = None
-        self._error: BaseException | None = None
-        self._details = ""
-        self._cancel = threading.Event()
         self._proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
         self._folder: Path | None = None
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
 
     # -- control --------------------------------------------------------------------------------
     def start(self) -> TranslationProcess:
@@ -235,55 +226,10 @@ class TranslationProcess:
         elif proc is None:
             self._finish(JobState.CANCELLED)
 
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
     def wait(self, timeout: float | None = None) -> JobState:
         if self._reader is not None:
             self._reader.join(timeout)
         return self.poll()
-
-    # -- reading --------------------------------------------------------------------------------
-    def poll(self) -> JobState:
-        with self._lock:
-            return self._state
-
-    @property
-    def finished(self) -> bool:
-        return self.poll().finished
-
-    @property
-    def progress(self) -> Progress:
-        with self._lock:
-            return self._progress
-
-    @property
-    def result(self) -> ProcessResult:
-        if self.poll() is not JobState.DONE:
-            raise RuntimeError(f"{self.name}: no result (state {self.poll().value})")
-        return self._result  # type: ignore[return-value]
-
-    @property
-    def error(self) -> BaseException | None:
-        with self._lock:
-            return self._error
-
-    @property
-    def error_details(self) -> str:
-        with self._lock:
-            return self._details
-
-    @property
-    def elapsed(self) -> float:
-        if self.started_at is None:
-            return 0.0
-        return (self.finished_at if self.finished_at is not None else time.monotonic()) - self.started_at
-
-    def set_message(self, message: str) -> None:
-        with self._lock:
-            p = self._progress
-            self._progress = Progress(p.done, p.total, p.eta, message)
 
     # -- the reader thread ----------------------------------------------------------------------
     def _read(self) -> None:
@@ -299,11 +245,10 @@ class TranslationProcess:
                 continue
             if "error" in msg:
                 error_line = str(msg["error"])
-            with self._lock:
-                p = self._progress
-                self._progress = Progress(int(msg.get("done", p.done)), int(msg.get("total", p.total)),
-                                          msg.get("eta", p.eta) if "done" in msg else p.eta,
-                                          str(msg.get("message", p.message)))
+            if "done" in msg:
+                self._report(msg["done"], msg.get("total", 0), msg.get("eta"), msg.get("message"))
+            elif "message" in msg:
+                self.set_message(str(msg["message"]))
         rc = proc.wait()
         stderr = proc.stderr.read() if proc.stderr is not None else ""
         if self._cancel.is_set():

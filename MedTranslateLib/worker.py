@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Job", "JobState", "Progress", "format_duration"]
+__all__ = ["Job", "JobBase", "JobState", "Progress", "format_duration"]
 
 
 class JobState(enum.Enum):
@@ -71,21 +71,15 @@ class Progress:
         return f"{self.message}: {text}" if self.message else text
 
 
-class Job:
-    """Run ``work(progress, cancelled)`` in a background thread; poll it from the GUI thread.
+class JobBase:
+    """What the GUI polls, shared by ``Job`` (a thread) and ``runner.TranslationProcess`` (a
+    process): state, progress snapshot, result, error, timing. Subclasses start the work and
+    set ``_state``, ``_result``, ``_error``, ``_details`` and ``finished_at`` under ``_lock``."""
 
-    ``cancelled_exceptions``: exception types that mean "stopped because of cancel" (e.g. the
-    engine's ``TranslationCancelled``); any exception after ``cancel()`` counts as a cancel too.
-    """
-
-    def __init__(self, work: Callable[[Callable[..., None], Callable[[], bool]], Any], *,
-                 name: str = "MedTranslate job", cancelled_exceptions: tuple[type[BaseException], ...] = ()):
-        self._work = work
+    def __init__(self, name: str) -> None:
         self.name = name
-        self._cancelled_exceptions = tuple(cancelled_exceptions)
         self._cancel = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._state = JobState.PENDING
         self._progress = Progress()
         self._result: Any = None
@@ -94,31 +88,9 @@ class Job:
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
-    # -- control ------------------------------------------------------------------------------
-    def start(self) -> Job:
-        """Start the worker thread (once)."""
-        with self._lock:
-            if self._thread is not None:
-                raise RuntimeError(f"{self.name}: already started")
-            self._state = JobState.RUNNING
-            self.started_at = time.monotonic()
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        """Ask the work to stop; it stops at its next check (the engine checks before each batch)."""
-        self._cancel.set()
-
     @property
     def cancel_requested(self) -> bool:
         return self._cancel.is_set()
-
-    def wait(self, timeout: float | None = None) -> JobState:
-        """Block until the job ends (or ``timeout`` seconds pass); returns ``poll()``."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.poll()
 
     # -- reading --------------------------------------------------------------------------------
     def poll(self) -> JobState:
@@ -173,6 +145,44 @@ class Job:
         with self._lock:
             p = self._progress
             self._progress = Progress(p.done, p.total, p.eta, message)
+
+
+
+class Job(JobBase):
+    """Run ``work(progress, cancelled)`` in a background thread; poll it from the GUI thread.
+
+    ``cancelled_exceptions``: exception types that mean "stopped because of cancel" (e.g. the
+    engine's ``TranslationCancelled``); any exception after ``cancel()`` counts as a cancel too.
+    """
+
+    def __init__(self, work: Callable[[Callable[..., None], Callable[[], bool]], Any], *,
+                 name: str = "MedTranslate job", cancelled_exceptions: tuple[type[BaseException], ...] = ()):
+        super().__init__(name)
+        self._work = work
+        self._cancelled_exceptions = tuple(cancelled_exceptions)
+        self._thread: threading.Thread | None = None
+
+    # -- control ------------------------------------------------------------------------------
+    def start(self) -> Job:
+        """Start the worker thread (once)."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError(f"{self.name}: already started")
+            self._state = JobState.RUNNING
+            self.started_at = time.monotonic()
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the work to stop; it stops at its next check (the engine checks before each batch)."""
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> JobState:
+        """Block until the job ends (or ``timeout`` seconds pass); returns ``poll()``."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.poll()
 
     def _run(self) -> None:
         result: Any = None
