@@ -103,13 +103,10 @@ def _capabilities(method: str, architecture: Any) -> dict[str, Any]:
     imported yet, e.g. before the Slicer module installed torch). ValueError for an unknown method
     or a bad architecture."""
     try:
-        from .config import from_dict
-        from .methods import get_method_class
+        from .methods import capabilities_of
     except ImportError:
         return {}
-    cls = get_method_class(method)
-    config = from_dict(cls.Config, dict(architecture or {}), where="medtranslate.yaml", prefix="architecture")
-    return cls.capabilities_for(config).to_dict()
+    return capabilities_of(method, architecture).to_dict()
 
 
 def model_choice(info: Any) -> ModelChoice:
@@ -176,7 +173,8 @@ def load_model(model: Any, *, map_location: str = "cpu") -> Any:
 
 class ModelCache:
     """Keeps the last loaded ``engine.VolumeTranslator`` (model load + transfer to the GPU happen
-    once); a changed bundle on disk, device, precision or batch size loads it again."""
+    once); a changed bundle on disk, device, precision or batch size loads it again, the per-run
+    settings (shared noise, extent margin) are set on it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -187,21 +185,25 @@ class ModelCache:
         from .engine import VolumeTranslator
         from .model_store import find_model
 
+        margin = options.extent_margin
+        if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+            raise UserError(f"extent margin must be an integer >= 0, got {margin!r}")
         path = Path(find_model(options.model)).resolve()
         try:
             stamp = max(p.stat().st_mtime_ns for p in ([path] + (list(path.iterdir()) if path.is_dir() else [])))
         except OSError:
             stamp = 0
-        key = (str(path), stamp, options.device, options.precision, options.batch_size, options.shared_noise,
-               options.extent_margin)
+        key = (str(path), stamp, options.device, options.precision, options.batch_size)
         with self._lock:
             if self._key != key:
                 self._translator = None  # release the previous model first (GPU memory)
                 self._translator = VolumeTranslator(load_model(path), device=options.device,
                                                     precision=options.precision, batch_size=options.batch_size,
-                                                    shared_noise=options.shared_noise,
-                                                    extent_margin=options.extent_margin, baseline_metrics=True)
+                                                    baseline_metrics=True)
                 self._key = key
+            # per-run settings: no reason to load the model again for them
+            self._translator.shared_noise = bool(options.shared_noise)
+            self._translator.extent_margin = margin
             return self._translator
 
     def clear(self) -> None:
@@ -400,8 +402,7 @@ def write_case_folder(outcome: TranslationOutcome, folder: Path, case: Any = Non
 
     names = output_files(outcome)
     if folder.exists():
-        allowed = {*names.values(), *(n.format(target=outcome.meta.target.modality) for n in _CASE_FILES.values()),
-                   METRICS_FILE}
+        allowed = {*(n.format(target=outcome.meta.target.modality) for n in _CASE_FILES.values()), METRICS_FILE}
         if not folder.is_dir() or any(p.name not in allowed for p in folder.iterdir()):
             raise UserError(f"{folder}: exists and holds other files; not replacing it")
     folder.parent.mkdir(parents=True, exist_ok=True)

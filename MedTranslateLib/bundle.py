@@ -41,7 +41,7 @@ from .config import dump_yaml, from_dict, parse_yaml, to_dict
 from .data import SliceSpec
 from .intensity import IntensityPreset, preset_from_config
 from .io import replace_dir
-from .methods import Capabilities, TranslationMethod, available_methods, get_method_class
+from .methods import Capabilities, TranslationMethod, available_methods, capabilities_of, get_method_class
 from .regions import roi_names_from_training
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "META_NAME", "BundleError", "BundleMeta", "ModalitySpec",
@@ -391,11 +391,9 @@ def meta_capabilities(meta: BundleMeta) -> Capabilities:
     """The method class's capabilities with the bundle's architecture (BundleError when the
     method or architecture is unknown)."""
     try:
-        cls = get_method_class(meta.method)
-        config = from_dict(cls.Config, meta.architecture, where="medtranslate.yaml", prefix="architecture")
+        return capabilities_of(meta.method, meta.architecture)
     except ValueError as exc:
         raise BundleError(" ".join(str(exc).split())) from None
-    return cls.capabilities_for(config)
 
 
 def side_preset(meta: BundleMeta, side: str) -> IntensityPreset:

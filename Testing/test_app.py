@@ -3,6 +3,7 @@ runtime (devices, precision), model choices with capabilities, identity baseline
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -215,6 +216,13 @@ def test_run_translation_roi_slices_cache_and_cancel(case_root, tmp_path):
     z = np.flatnonzero((case.masks["liver"] | case.masks["tumor"]).any(axis=(1, 2)))
     assert out.result.slice_range == (z[0], z[-1] + 1)
     assert cache.get(opts) is out.translator  # loaded once
+    wider = dataclasses.replace(opts, extent_margin=2, shared_noise=True)
+    assert cache.get(wider) is out.translator and out.translator.extent_margin == 2  # per-run settings
+    assert out.translator.shared_noise
+    assert cache.get(dataclasses.replace(opts, batch_size=2)) is not out.translator  # reloaded
+    with pytest.raises(app.UserError, match="extent margin"):
+        cache.get(dataclasses.replace(opts, extent_margin=-1))
+    cache.get(opts)
     assert out.model_name == "b"
     no_rois = cases.Case("x", case.source, {regions.BODY: case.masks[regions.BODY]}, None)
     with pytest.raises(app.UserError, match="needs an ROI mask"):

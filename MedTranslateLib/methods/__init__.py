@@ -11,9 +11,10 @@ from .base import (
     TranslationMethod,
     available_methods,
     build_method,
+    capabilities_of,
     get_method_class,
     register,
 )
 
-__all__ = ["Capabilities", "Translation", "TranslationMethod", "available_methods", "build_method", "get_method_class",
+__all__ = ["Capabilities", "Translation", "TranslationMethod", "available_methods", "build_method", "capabilities_of", "get_method_class",
            "register"]

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Translation", "TranslationMethod", "Capabilities", "register", "available_methods",
-           "get_method_class", "build_method"]
+           "get_method_class", "capabilities_of", "build_method"]
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,16 @@ def get_method_class(name: str) -> type[TranslationMethod]:
     except (KeyError, TypeError):
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods()) or '(none)'}") \
             from None
+
+
+def capabilities_of(name: str, architecture: dict | None) -> Capabilities:
+    """Capabilities of method ``name`` with a bundle's ``architecture`` (no weights, no network
+    built). One-line ValueError for an unknown method or architecture."""
+    from ..config import from_dict
+
+    cls = get_method_class(name)
+    config = from_dict(cls.Config, dict(architecture or {}), where="medtranslate.yaml", prefix="architecture")
+    return cls.capabilities_for(config)
 
 
 def build_method(name: str, config: dict | Any | None = None, *, where: str = "config",
