@@ -43,6 +43,40 @@ _SEARCH_DIRS = (_MODULE_DIR, os.path.dirname(_MODULE_DIR))
 #: The bundled demo model the self-test and the README walk-through use.
 DEMO_MODEL = "pix2pix_ct_cta_demo"
 
+#: The oldest Slicer MedTranslate runs in. Slicer 5.6 and 5.8 embed Python 3.9; the library needs
+#: Python >= 3.11 (5.10 embeds 3.12). This file itself is kept loadable by Python 3.9 so that an
+#: older Slicer shows one clear message instead of failing later (Testing/test_extension_layout.py).
+MINIMUM_SLICER_VERSION = (5, 10)
+MINIMUM_PYTHON_VERSION = (3, 11)
+
+
+def _dotted(version) -> str:
+    return ".".join(str(part) for part in version)
+
+
+def slicerVersion():
+    """(major, minor) of the running Slicer application, None without one (e.g. PythonSlicer)."""
+    app = getattr(slicer, "app", None)
+    if app is None:
+        return None
+    return int(app.majorVersion), int(app.minorVersion)
+
+
+def unsupportedReason(version=None, pythonVersion=None) -> str:
+    """One line saying why MedTranslate cannot run here ("" when it can): a Slicer older than
+    ``MINIMUM_SLICER_VERSION`` or a Python older than ``MINIMUM_PYTHON_VERSION``."""
+    version = slicerVersion() if version is None else tuple(version)
+    pythonVersion = tuple(sys.version_info[:2]) if pythonVersion is None else tuple(pythonVersion)[:2]
+    if version is not None and tuple(version) < MINIMUM_SLICER_VERSION:
+        return _("MedTranslate needs 3D Slicer {needed} or newer; this is Slicer {found}. Please install a newer "
+                 "Slicer (and the MedTranslate extension for it).").format(
+            needed=_dotted(MINIMUM_SLICER_VERSION), found=_dotted(version))
+    if pythonVersion < MINIMUM_PYTHON_VERSION:
+        return _("MedTranslate needs Python {needed} or newer (3D Slicer {slicer} or newer); this Slicer embeds "
+                 "Python {found}.").format(needed=_dotted(MINIMUM_PYTHON_VERSION),
+                                           slicer=_dotted(MINIMUM_SLICER_VERSION), found=_dotted(pythonVersion))
+    return ""
+
 
 def _useSourceTreeLibrary() -> None:
     """Running from a source checkout: make ``import MedTranslateLib`` find the checkout's library."""
@@ -102,8 +136,13 @@ are named "synthetic" and tagged (node attribute <code>MedTranslate.Synthetic</c
 <p>Pick a source volume and a model, optionally liver/tumor masks and a reference scan, then Apply.
 The first Apply installs PyTorch and the other Python packages it needs (with your consent).
 "Load sample data" generates a phantom case, so a demo needs nothing downloaded.</p>
+<p>Requires 3D Slicer 5.10 or newer (Python 3.12) and the PyTorch extension. Works offline once
+the packages are installed.</p>
 <p>See the <a href="https://github.com/medtranslate/SlicerMedTranslate">documentation</a>.</p>
 """)
+        reason = unsupportedReason()
+        if reason:
+            self.parent.helpText = "<p><b>" + reason + "</b></p>" + self.parent.helpText
         self.parent.acknowledgementText = _("""
 MedTranslate implements the methods of:
 <ul>
@@ -123,9 +162,49 @@ Built on 3D Slicer, PyTorch and MONAI.
         if os.path.isfile(iconPath):
             self.parent.icon = qt.QIcon(iconPath)
 
+        # The phantom in the Sample Data module, once the application has started (template).
+        app = getattr(slicer, "app", None)
+        if app is not None and not unsupportedReason():
+            app.connect("startupCompleted()", registerSampleData)
+
     def resourcePath(self, filename):
         """Return the absolute path of ``filename`` in the module's ``Resources`` folder."""
         return moduleResourcePath(filename)
+
+
+#
+# Sample data
+#
+
+#: The phantom's entry in the Sample Data module (category, name).
+SAMPLE_CATEGORY = "MedTranslate"
+SAMPLE_NAME = "MedTranslatePhantom"
+SAMPLE_PREFIX = "Phantom 0"
+
+
+def registerSampleData():
+    """Offer the phantom case in the Sample Data module. Nothing is downloaded: the custom
+    downloader generates it (``MedTranslateLogic.loadSampleData``)."""
+    import SampleData
+
+    names = _mrml().sample_node_names(SAMPLE_PREFIX)
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=SAMPLE_CATEGORY, sampleName=SAMPLE_NAME,
+        # one entry per node it adds; the URIs are names only (the custom downloader generates the case)
+        uris=[f"medtranslate:phantom/{index}" for index in range(len(names))], fileNames=names, nodeNames=names,
+        thumbnailFileName=moduleResourcePath("Icons/MedTranslate.png"),
+        customDownloader=loadPhantomSample)
+
+
+def loadPhantomSample(source=None):
+    """The Sample Data button: generate the phantom case (CT, arterial CTA, liver/tumor
+    segmentation) into the scene and show it; returns the nodes (None when cancelled)."""
+    logic = MedTranslateLogic()
+    if not logic.ensureSampleDependencies():
+        return None
+    sample = logic.loadSampleData(seed=0)  # named SAMPLE_PREFIX
+    slicer.util.setSliceViewerLayers(background=sample.source, fit=True)
+    return [sample.source, sample.reference, sample.segmentation]
 
 
 #
@@ -193,6 +272,10 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._lastResults = None
         self._sampleSeed = 0
+        self._deviceChoices = None  # from the device query (a process: no torch on this thread)
+        self._deviceQuery = None
+        self._importQuery = None  # Add model: the bundle is checked in a process too
+        self._unsupported = unsupportedReason()
 
     def resourcePath(self, filename):
         """Return the absolute path of ``filename`` in the module's ``Resources`` folder."""
@@ -201,6 +284,12 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
         ScriptedLoadableModuleWidget.setup(self)
+        if self._unsupported:  # an older Slicer: one clear message instead of a panel that fails later
+            label = qt.QLabel(self._unsupported)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
 
         # Load widget from .ui file (created by Qt Designer).
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedTranslate.ui"))
@@ -230,28 +319,38 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(200)
         self._pollTimer.connect("timeout()", self._onPoll)
+        # The GPU list and Add model's check run in processes (torch is never imported on this thread).
+        self._queryTimer = qt.QTimer()
+        self._queryTimer.setInterval(250)
+        self._queryTimer.connect("timeout()", self._onQueryPoll)
 
         self._missing = _mrml().missing_dependencies()
+        self._startDeviceQuery()
 
         # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        if self._unsupported:
+            return
         if self._job is not None:
             self._job.cancel()
-        if hasattr(self, "_pollTimer"):
-            self._pollTimer.stop()
+        for timer in ("_pollTimer", "_queryTimer"):
+            if hasattr(self, timer):
+                getattr(self, timer).stop()
         self.removeObservers()
 
     def enter(self) -> None:
         """Called each time the user opens this module."""
+        if self._unsupported:
+            return
         self._filledFor = {}  # segments or models may have changed meanwhile
         self.initializeParameterNode()
 
     def exit(self) -> None:
         """Called each time the user opens a different module."""
-        if self._parameterNode:
+        if not self._unsupported and self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
@@ -367,7 +466,8 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.model = current
         choice = self._currentModel()
         # the two mask selectors take the model's ROI names (liver and tumor by default)
-        for label, roi in zip((self.ui.liverMaskLabel, self.ui.tumorMaskLabel), mrml.roi_roles(choice), strict=True):
+        # zip without strict=: Python 3.9 (Slicer 5.6/5.8) must load this file to refuse it clearly
+        for label, roi in zip((self.ui.liverMaskLabel, self.ui.tumorMaskLabel), mrml.roi_roles(choice)):  # noqa: B905
             label.text = _("{roi} mask:").format(roi=roi.replace("_", " ").capitalize())
         if choice is not None:
             where = _("your model folder") if choice.origin == "user" else _("bundled with MedTranslate")
@@ -382,22 +482,48 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = sampling
         self._filledFor["models"] = (bool(self._missing), modality, pn.model, self._filledFor.get("modelsVersion", 0))
 
+    def _startDeviceQuery(self) -> None:
+        """Ask a process for the GPUs (once the packages are installed); the combo box shows Auto
+        and CPU until it answers."""
+        python = self.logic.translationPython()
+        if self._missing or python is None or self._deviceQuery is not None:
+            return
+        self._deviceQuery = _mrml().DeviceQuery(python).start()
+        self._queryTimer.start()
+
+    def _onQueryPoll(self) -> None:
+        """The processes' answers: the GPU list, a model added."""
+        device, added = self._deviceQuery, self._importQuery
+        if device is not None and self._deviceChoices is None and device.poll() is not None:
+            if device.error:
+                logging.warning(f"MedTranslate: {device.error}")
+            self._deviceChoices = device.poll()
+            self._filledFor.pop("devices", None)
+            if self._parameterNode:
+                self._onParameterNodeModified()
+        if added is not None and (added.poll() is not None or added.done):
+            self._importQuery = None
+            self.ui.addModelButton.enabled = True
+            if added.error:
+                self._showError(ValueError(added.error))
+            else:
+                self._modelAdded(added.poll())
+        if (device is None or self._deviceChoices is not None) and self._importQuery is None:
+            self._queryTimer.stop()
+
     def _fillDeviceComboBox(self) -> None:
         pn = self._parameterNode
-        key = (bool(self._missing), pn.device)
+        key = (self._deviceChoices is not None, pn.device)
         if self._filledFor.get("devices") == key:
             return
-        choices = [(_("Auto"), "auto"), (_("CPU"), "cpu")]
-        if not self._missing:
-            try:
-                choices = self.logic.deviceChoices()
-            except Exception:
-                logging.exception("MedTranslate: cannot list the GPUs")
+        choices = list(self._deviceChoices or _mrml().DEFAULT_DEVICE_CHOICES)
+        if pn.device not in [device for _, device in choices]:
+            choices.append((pn.device, pn.device))  # keep a saved choice (e.g. cuda:1) until the list is known
         index = self._setItems(self.ui.deviceComboBox, choices, pn.device)
         selected = choices[index][1] if index >= 0 else "auto"
         if pn.device != selected:
             pn.device = selected
-        self._filledFor["devices"] = (bool(self._missing), pn.device)
+        self._filledFor["devices"] = (self._deviceChoices is not None, pn.device)
 
     def _currentModel(self):
         name = self._parameterNode.model if self._parameterNode else ""
@@ -408,9 +534,9 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return (node, getattr(self._parameterNode, f"{role}Region") or None) if node else None
 
     def _updateStatus(self) -> None:
-        if self._job is not None:
-            return  # while running, Apply is Cancel and the status shows the progress
         pn = self._parameterNode
+        if self._job is not None or pn is None:
+            return  # while running, Apply is Cancel and the status shows the progress; no scene: nothing to say
         ok, message = _mrml().check_inputs(
             pn.sourceVolume, model=self._currentModel(), dependencies_missing=self._missing,
             liver=self._maskChoice("liver"), tumor=self._maskChoice("tumor"), reference_node=pn.referenceVolume,
@@ -443,12 +569,14 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._missing:
             return True
         try:
-            self.logic.installDependencies(self._missing, askConfirmation=True)
+            if not self.logic.installDependencies(self._missing, askConfirmation=True):
+                self.ui.statusLabel.text = _("The Python packages were not installed: Apply needs them.")
         except Exception as error:
             self._showError(error)
         self._missing = _mrml().missing_dependencies()
         self._filledFor = {}
         self._onParameterNodeModified()
+        self._startDeviceQuery()
         return not self._missing
 
     def onApplyButton(self) -> None:
@@ -509,7 +637,9 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer.stop()
         run, self._run, self._job = self._run, None, None
         self._setRunning(False)
-        if state.value == "done":
+        if state.value == "done" and run.source_node.GetScene() is None:
+            self.ui.statusLabel.text = _("The scene was closed during the translation: its result was discarded.")
+        elif state.value == "done":
             try:
                 self._showResults(run, run.finish(job.result), job.elapsed)
             except Exception as error:
@@ -539,7 +669,7 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not details:
             import traceback
 
-            details = "".join(traceback.format_exception(error))
+            details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         logging.error(f"MedTranslate: {message}\n{details}")
         self.ui.statusLabel.text = message
         slicer.util.errorDisplay(message, windowTitle=_("MedTranslate"), detailedText=details)
@@ -554,8 +684,13 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSampleDataButton(self) -> None:
         """Generate a phantom case into the scene and select it as the inputs."""
-        if any(r.startswith("scipy") for r in self._missing) and not self._ensureDependencies():
+        try:
+            if not self.logic.ensureSampleDependencies():
+                return
+        except Exception as error:
+            self._showError(error)
             return
+        self._missing = _mrml().missing_dependencies()
         choice = self._currentModel()
         try:
             with slicer.util.WaitCursor():
@@ -583,17 +718,28 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Model bundles (*.zip medtranslate.yaml model.safetensors);;All files (*)"))
         if not path:
             return
+        python = self.logic.translationPython()
+        if python is not None:  # checked by loading it, in a process: no torch on this thread
+            self._importQuery = _mrml().ImportQuery(path, python).start()
+            self.ui.addModelButton.enabled = False
+            self.ui.modelInfoLabel.text = _("Checking the model…")
+            self._queryTimer.start()
+            return
         try:
             with slicer.util.WaitCursor():
                 info = self.logic.importModel(path)
         except Exception as error:
             self._showError(error)
             return
+        self._modelAdded({"name": info.name, "path": str(info.path)})
+
+    def _modelAdded(self, model) -> None:
         self._filledFor["modelsVersion"] = self._filledFor.get("modelsVersion", 0) + 1
-        self._parameterNode.model = info.name
-        self._onParameterNodeModified()
-        slicer.util.infoDisplay(_("Model '{name}' was added to {folder}.").format(name=info.name, folder=info.path.parent),
-                                windowTitle=_("MedTranslate"))
+        if self._parameterNode:
+            self._parameterNode.model = model["name"]
+            self._onParameterNodeModified()
+        slicer.util.infoDisplay(_("Model '{name}' was added to {folder}.").format(
+            name=model["name"], folder=os.path.dirname(model["path"])), windowTitle=_("MedTranslate"))
 
 
 #
@@ -617,6 +763,9 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
     """
 
     def __init__(self) -> None:
+        reason = unsupportedReason()
+        if reason:
+            raise RuntimeError(reason)
         ScriptedLoadableModuleLogic.__init__(self)
         self._translators = None
 
@@ -638,14 +787,15 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
         return _mrml().missing_dependencies()
 
     def installDependencies(self, missing=None, askConfirmation=True) -> bool:
-        """Install the missing packages: PyTorch through PyTorchUtils (the PyTorch extension picks
-        the build for this GPU and driver) when it is there, the rest with pip. Returns False when
-        the user declines."""
+        """Install the missing packages after one consent dialog (``askConfirmation``): PyTorch
+        first, through PyTorchUtils when the PyTorch extension is there (it picks the build for
+        this GPU and driver), then MONAI with ``--no-deps`` (its own torch requirement cannot
+        replace that build), then the rest. Returns False when the user declines; a failed
+        installation (e.g. offline) raises one line."""
         mrml = _mrml()
         missing = list(missing) if missing is not None else mrml.missing_dependencies()
         if not missing:
             return True
-        torchMissing, others = mrml.dependency_requirements(missing)
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
             _("MedTranslate needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
               "Install them now? PyTorch is a large download (up to a few GB) and this can take several "
@@ -653,11 +803,20 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
             windowTitle=_("MedTranslate: install Python packages")):
             logging.info("MedTranslate: installation of the dependencies declined")
             return False
-        with slicer.util.WaitCursor():
-            if torchMissing:
-                self._installTorch(next(r for r in missing if r.startswith("torch")))
-            if others:
-                self._pipInstall(others, skip=["torch", "torchvision", "SimpleITK", "numpy"])
+        plan = mrml.install_plan(missing)
+        try:
+            with slicer.util.WaitCursor():
+                if plan.torch:
+                    self._installTorch(plan.torch)
+                if plan.no_deps:
+                    # a list is passed to pip as its arguments (slicer.util.pip_install, 5.10 and 5.12)
+                    slicer.util.pip_install(["--no-deps", *plan.no_deps])
+                if plan.others:
+                    self._pipInstall(list(plan.others))
+        except Exception as error:
+            logging.exception("MedTranslate: installing the Python packages failed")
+            raise ValueError(_("The Python packages could not be installed ({error}); is this computer offline? "
+                               "See the Python console.").format(error=mrml.readable_error(error))) from error
         import importlib
 
         importlib.invalidate_caches()
@@ -666,6 +825,12 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("These packages could not be installed: {packages} (see the Python console)").format(
                 packages=", ".join(still)))
         return True
+
+    def ensureSampleDependencies(self) -> bool:
+        """Install (with consent) what the phantom sample needs; True when it can be generated."""
+        mrml = _mrml()
+        missing = mrml.sample_dependencies_missing(mrml.missing_dependencies())
+        return not missing or self.installDependencies(missing, askConfirmation=True)
 
     @staticmethod
     def _installTorch(requirement) -> None:
@@ -684,23 +849,18 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
             MedTranslateLogic._pipInstall([requirement])
 
     @staticmethod
-    def _pipInstall(requirements, skip=()) -> None:
-        """``slicer.packaging.pip_ensure`` (Slicer >= 5.10, keeps Slicer's own packages) when
-        available, else ``slicer.util.pip_install``."""
-        packaging = None
-        for name in ("slicer.packaging", "slicer.pydeps"):
-            try:
-                import importlib
+    def _pipInstall(requirements) -> None:
+        """``slicer.packaging.pip_ensure`` where it exists (Slicer >= 5.12; our own dialog has asked
+        already, and the self-test installs on purpose), else ``slicer.util.pip_install``."""
+        import importlib
 
-                packaging = importlib.import_module(name)
-                break
-            except ImportError:
-                continue
+        try:
+            packaging = importlib.import_module("slicer.packaging")
+        except ImportError:
+            packaging = None
         if packaging is not None and hasattr(packaging, "pip_ensure"):
-            from packaging.requirements import Requirement
-
-            packaging.pip_ensure([Requirement(r) for r in requirements], skip_packages=list(skip),
-                                 requester="MedTranslate")
+            packaging.pip_ensure(list(requirements), prompt_install=False, prompt_restart=False,
+                                 requester="MedTranslate", skip_in_testing=False)
         else:
             slicer.util.pip_install(list(requirements))
 
@@ -868,7 +1028,8 @@ class MedTranslateTest(ScriptedLoadableModuleTest):
         logic = MedTranslateLogic()
         if logic.missingDependencies():
             self.delayDisplay("Installing the Python packages MedTranslate needs")
-            logic.installDependencies(askConfirmation=False)
+            # no dialog in an automated run (CTest registers this test only on request: it needs network)
+            logic.installDependencies(askConfirmation=not slicer.app.testingEnabled())
         self.assertEqual(logic.missingDependencies(), [])
         return logic
 

@@ -98,15 +98,19 @@ class ModelChoice:
         return bool(self.capabilities.get("stochastic"))
 
 
-def _capabilities(method: str, architecture: Any) -> dict[str, Any]:
-    """The method class's capabilities with ``architecture`` ({} when the method library cannot be
-    imported yet, e.g. before the Slicer module installed torch). ValueError for an unknown method
-    or a bad architecture."""
+def _capabilities(method: str, meta: Any) -> dict[str, Any]:
+    """What the model offers: the copy its bundle stored when it was saved (no torch needed: the
+    Slicer panel lists models on its GUI thread), else the method class's capabilities with the
+    bundle's architecture ({} when the method library cannot be imported yet, e.g. before the
+    Slicer module installed torch). ValueError for an unknown method or a bad architecture."""
+    stored = getattr(meta, "capabilities", None)
+    if isinstance(stored, dict):
+        return dict(stored)
     try:
         from .methods import capabilities_of
     except ImportError:
         return {}
-    return capabilities_of(method, architecture).to_dict()
+    return capabilities_of(method, getattr(meta, "architecture", None)).to_dict()
 
 
 def model_choice(info: Any) -> ModelChoice:
@@ -116,7 +120,7 @@ def model_choice(info: Any) -> ModelChoice:
                            error=info.error)
     meta = info.meta
     try:
-        caps = _capabilities(info.method, getattr(meta, "architecture", None))
+        caps = _capabilities(info.method, meta)
     except ValueError as exc:
         return ModelChoice(info.name, f"{info.name} (cannot be used)", info.method, info.source, info.target,
                            info.origin, str(info.path), error=first_line(exc))

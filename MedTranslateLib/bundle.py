@@ -28,21 +28,20 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import load_file as st_load_file
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import dump_yaml, from_dict, parse_yaml, to_dict
-from .data import SliceSpec
 from .intensity import IntensityPreset, preset_from_config
 from .io import replace_dir
-from .methods import Capabilities, TranslationMethod, available_methods, capabilities_of, get_method_class
 from .regions import roi_names_from_training
+from .slicing import SliceSpec
+
+if TYPE_CHECKING:  # torch, safetensors and the methods are imported by the functions that need them:
+    # reading metadata (model lists, capabilities) needs no torch (the Slicer panel's GUI thread)
+    import torch
+
+    from .methods import Capabilities, TranslationMethod
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "META_NAME", "BundleError", "BundleMeta", "ModalitySpec",
            "SliceSpec", "Bundle", "save_bundle", "load_bundle", "read_bundle_meta", "read_bundle_files",
@@ -84,6 +83,10 @@ class BundleMeta:
     rois: list[str] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: what the method class declared for this architecture when the bundle was saved
+    #: (``methods.Capabilities.to_dict()``): front ends read it without importing torch. None in
+    #: bundles written before it existed; ``meta_capabilities`` always asks the method class.
+    capabilities: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
     library_version: str = __version__
 
@@ -102,6 +105,8 @@ class Bundle:
 # --------------------------------------------------------------------------------------------
 
 def _weights_bytes(method: TranslationMethod) -> bytes:
+    from safetensors.torch import save as st_save
+
     # Copies: safetensors refuses tensors that share storage (tied weights) and non-contiguous ones.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in method.state_dict().items()}
     return st_save(tensors, metadata={"format": "pt", "medtranslate_method": method.name,
@@ -123,7 +128,11 @@ def save_bundle(method: TranslationMethod, meta: BundleMeta | dict | None, path:
         meta = from_dict(BundleMeta, meta, where=f"bundle metadata for {path}")
     if meta.method and meta.method != method.name:
         raise BundleError(f"{path}: metadata says method {meta.method!r} but the model is {method.name!r}")
-    meta = replace(meta, method=method.name, architecture=to_dict(method.config),
+    from .methods import capabilities_of
+
+    architecture = to_dict(method.config)
+    meta = replace(meta, method=method.name, architecture=architecture,
+                   capabilities=capabilities_of(method.name, architecture).to_dict(),
                    format_version=FORMAT_VERSION, library_version=__version__)
     meta_text = dump_yaml(meta)
     weights = _weights_bytes(method)
@@ -304,6 +313,10 @@ def is_bundle(path: str | Path) -> bool:
 
 
 def _load_tensors(files: _Files) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+    from safetensors.torch import load_file as st_load_file
+
     try:
         if files.weights_bytes is not None:
             return st_load(files.weights_bytes)
@@ -339,6 +352,8 @@ def _compare(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) 
 def load_bundle(path: str | Path, *, map_location: str | torch.device = "cpu") -> Bundle:
     """Load and check a bundle: the method rebuilt from ``architecture``, its weights loaded
     strictly, in eval mode, on ``map_location``. Raises BundleError (one line) on any problem."""
+    from .methods import available_methods, get_method_class
+
     path = Path(path)
     files = _locate(path, with_weights=True)
     meta = _parse_meta(files)
@@ -389,7 +404,10 @@ def meta_rois(meta: BundleMeta) -> tuple[str, ...]:
 
 def meta_capabilities(meta: BundleMeta) -> Capabilities:
     """The method class's capabilities with the bundle's architecture (BundleError when the
-    method or architecture is unknown)."""
+    method or architecture is unknown). Imports the methods (torch); a front end that must not
+    reads ``meta.capabilities``, the copy written when the bundle was saved."""
+    from .methods import capabilities_of
+
     try:
         return capabilities_of(meta.method, meta.architecture)
     except ValueError as exc:

@@ -16,6 +16,11 @@ this module, and the process is the same code outside Slicer (``python -m MedTra
    without importing torch.
 
 The process also frees the GPU memory of every run when it ends.
+
+Two short commands serve the Slicer panel, so that its GUI thread never imports torch:
+``--devices`` prints the device choices (``runtime.device_choices``) as one JSON line, and
+``--import BUNDLE`` checks a bundle by loading it and copies it into the user's model folder
+(``model_store.import_model``). ``DeviceQuery`` and ``ImportQuery`` run them and are polled.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from .cases import Case
 from .worker import JobBase, JobState
 
 __all__ = ["REQUEST_FILE", "RESULT_FILE", "write_request", "read_request", "write_result", "read_result",
-           "ProcessResult", "TranslationProcess", "main"]
+           "ProcessResult", "TranslationProcess", "RunnerQuery", "DeviceQuery", "ImportQuery", "DEFAULT_DEVICE_CHOICES",
+           "main"]
 
 REQUEST_FILE = "request.json"
 RESULT_FILE = "result.json"
@@ -158,12 +164,23 @@ def _say(**fields: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m MedTranslateLib.runner FOLDER``: run the request in FOLDER (see module doc)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m MedTranslateLib.runner REQUEST_FOLDER", file=sys.stderr)
+    if args == ["--devices"]:
+        from .runtime import device_choices
+
+        _say(devices=device_choices())
+        return 0
+    if len(args) not in (1, 2) or (len(args) == 2) != (args[0] == "--import"):
+        print("usage: python -m MedTranslateLib.runner REQUEST_FOLDER | --devices | --import BUNDLE", file=sys.stderr)
         return 2
     from .app import run_translation
 
     try:
+        if args[0] == "--import":
+            from .model_store import import_model
+
+            info = import_model(args[1])
+            _say(model={"name": info.name, "path": str(info.path)})
+            return 0
         request = read_request(args[0])
         outcome = run_translation(
             request, progress=lambda done, total, eta: _say(done=done, total=total, eta=eta, message="Translating"),
@@ -176,6 +193,102 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _say(state="done")
     return 0
+
+
+def _child_env() -> dict[str, str]:
+    """This environment with the library on ``PYTHONPATH`` (the child imports this copy of it)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(_LIBRARY_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+#: What the panel offers before (or without) an answer of ``DeviceQuery``.
+DEFAULT_DEVICE_CHOICES: tuple[tuple[str, str], ...] = (("Auto", "auto"), ("CPU", "cpu"))
+
+
+class RunnerQuery:
+    """One short runner command (``--devices``, ``--import PATH``) in a process of its own,
+    polled: the asking side (the Slicer panel's GUI thread) imports no torch and never waits.
+
+    ``poll()`` is None while the process runs, then the answer: the value under ``key`` of its
+    JSON line. When the process fails, ``error`` is one line (the runner's own ``{"error"}``
+    line, else ``failure`` and the last line of its stderr) and the answer is ``fallback``.
+    """
+
+    def __init__(self, args: Sequence[str], key: str, *, python: str | None = None, failure: str = "failed",
+                 fallback: Any = None) -> None:
+        self.args, self.key, self.failure, self.fallback = list(args), key, failure, fallback
+        self.python = python or sys.executable
+        self.error: str | None = None
+        self.done = False
+        self._answer: Any = None
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> RunnerQuery:
+        try:
+            self._proc = subprocess.Popen([self.python, "-m", "MedTranslateLib.runner", *self.args],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                          text=True, encoding="utf-8", errors="replace", env=_child_env())
+        except OSError as exc:
+            self._fail(f"{self.failure}: cannot start {self.python} ({exc.strerror or exc})")
+        return self
+
+    def poll(self) -> Any:
+        proc = self._proc
+        if not self.done and proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            answer, said = None, None
+            for line in out.splitlines():
+                try:
+                    msg = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a library printing to stdout: not ours
+                if isinstance(msg, dict):
+                    answer = msg.get(self.key, answer)
+                    said = msg.get("error", said)
+            if proc.returncode == 0 and answer is not None:
+                self._answer, self.done = self._convert(answer), True
+            elif said is not None:
+                self._fail(str(said))
+            else:
+                last = (err.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+                self._fail(f"{self.failure}: {last}")
+        return self._answer if self.done else None
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if self._proc is not None and not self.done:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        return self.poll()
+
+    def _convert(self, answer: Any) -> Any:
+        return answer
+
+    def _fail(self, message: str) -> None:
+        self.error, self._answer, self.done = message, self.fallback, True
+
+
+class DeviceQuery(RunnerQuery):
+    """The device choices ``[(label, device spec)]`` (``runtime.device_choices``), asked of a
+    process; ``DEFAULT_DEVICE_CHOICES`` when it fails."""
+
+    def __init__(self, python: str | None = None) -> None:
+        super().__init__(["--devices"], "devices", python=python, failure="cannot list the GPUs",
+                         fallback=list(DEFAULT_DEVICE_CHOICES))
+
+    def _convert(self, answer: Any) -> list[tuple[str, str]]:
+        return [(str(label), str(spec)) for label, spec in answer]
+
+
+class ImportQuery(RunnerQuery):
+    """``model_store.import_model(path)`` (the bundle is loaded to check it: torch) in a process;
+    the answer is ``{"name", "path"}`` of the stored model, None with ``error`` when it fails."""
+
+    def __init__(self, path: str | os.PathLike, python: str | None = None) -> None:
+        super().__init__(["--import", str(path)], "model", python=python, failure=f"{path}: cannot add the model")
 
 
 class TranslationProcess(JobBase):
@@ -204,12 +317,9 @@ class TranslationProcess(JobBase):
         self._folder = Path(tempfile.mkdtemp(prefix="medtranslate-run-"))
         try:
             write_request(self.request, self._folder)
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(_LIBRARY_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-            env.setdefault("PYTHONUNBUFFERED", "1")
             self._proc = subprocess.Popen([self.python, "-m", "MedTranslateLib.runner", str(self._folder)],
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                          text=True, encoding="utf-8", errors="replace", env=env)
+                                          text=True, encoding="utf-8", errors="replace", env=_child_env())
         except BaseException as exc:  # kept for the GUI, like worker.Job
             self._finish(JobState.FAILED, error=exc)
             return self

@@ -154,6 +154,19 @@ def test_capabilities_are_declared_by_the_method(tmp_path):
     assert dgpg.uncertainty == "variance" and not dgpg.uncertainty_needs_samples
 
 
+def test_bundles_store_what_their_method_declares(tmp_path):
+    """The copy of the capabilities in medtranslate.yaml (read without torch by the Slicer panel)
+    is the method class's; a bundle without it (older format) is asked of the class."""
+    saved = read_bundle_meta(tiny_bundle(tmp_path / "mc", test_time_dropout=True))
+    assert saved.capabilities == meta_capabilities(saved).to_dict() and saved.capabilities["stochastic"]
+    for path in app.bundled_models():
+        meta = read_bundle_meta(path)
+        assert meta.capabilities == meta_capabilities(meta).to_dict(), path.name
+    old = dataclasses.replace(saved, capabilities=None)
+    info = ModelInfo("old", tmp_path / "mc", "user", old)
+    assert app.model_choice(info).capabilities == saved.capabilities
+
+
 def test_model_choices_carry_capabilities_rois_and_units():
     choices = {c.name: c for c in app.model_choices()}
     assert {"pix2pix_ct_cta_demo", "resshift_ct_cta_demo", "dgpg_t1_ct_demo"} <= set(choices)

@@ -24,7 +24,7 @@ LIB = ROOT / "MedTranslateLib"
 LAYERS: list[set[str]] = [
     {"__init__", "runtime", "regions", "modality", "metrics", "maps", "config", "worker"},  # leaves
     {"io", "intensity"},
-    {"cases", "phantom"},
+    {"cases", "phantom", "slicing"},
     {"data"},
     {"nn"},
     {"diffusion"},

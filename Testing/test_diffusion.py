@@ -151,9 +151,14 @@ def test_bbdm_training_quantities_match_official(bbdm):
                 _close(f"{key}/add_noise", x_t, bbdm["train/x_t"][ci, oi, ti])
                 target = s.training_target(x0, y, noise, t)
                 _close(f"{key}/training_target", target, bbdm["train/target"][ci, oi, ti])
+                # 'noise' divides the float32 x_t by (1 - m_t): its rounding (one float32 step,
+                # which differs between CPUs' vector code) grows by kappa = 1 / (1 - m_t), up to
+                # 134 at t = 998 (sin) and 1000 at t = 999; a fresh machine measured 6.0e-6 there.
+                kappa = float((1.0 / (1.0 - s.m_t[t])).max()) if objective == "noise" else 1.0
                 _close(f"{key}/predict_x0_roundtrip", s.predict_x0(target, x_t, y, t),
-                       bbdm["train/x0_roundtrip"][ci, oi, ti])
-                _close(f"{key}/predict_x0", s.predict_x0(out, x_free, y, t), bbdm["train/x0_pred"][ci, oi, ti])
+                       bbdm["train/x0_roundtrip"][ci, oi, ti], tol=TOL * kappa)
+                _close(f"{key}/predict_x0", s.predict_x0(out, x_free, y, t), bbdm["train/x0_pred"][ci, oi, ti],
+                       tol=TOL * kappa)
 
 
 def test_bbdm_single_steps_match_official(bbdm):

@@ -254,14 +254,103 @@ def test_module_build_macros(module):
 
 
 def test_module_self_test_registration(module):
-    names = [name for name, _ in module]
     start = module.index(("if", ["BUILD_TESTING"]))
-    block = module[start : names.index("endif", start)]
-    assert ("slicer_add_python_unittest", ["SCRIPT", "${MODULE_NAME}.py"]) in block
-    assert ("add_subdirectory", ["Testing"]) in block
+    unittest = ("slicer_add_python_unittest", ["SCRIPT", "${MODULE_NAME}.py"])
+    assert [call for call in module if call[0] == "slicer_add_python_unittest"] == [unittest]
+    # the self-test installs PyTorch and MONAI (network): a ctest only under its option, OFF by default
+    (option,) = [args for name, args in module[start:] if name == "option"]
+    assert option[0] == "MedTranslate_SELF_TEST_INSTALLS_DEPENDENCIES" and option[-1] == "OFF"
+    guard = module.index(("if", [option[0]]), start)
+    assert module[guard + 1 : guard + 3] == [unittest, ("endif", [])]
+    assert ("add_subdirectory", ["Testing"]) in module[start:]
     testing = parse_cmake((MODULE_DIR / "Testing" / "CMakeLists.txt").read_text(encoding="utf-8"))
     assert ("add_subdirectory", ["Python"]) in testing
     assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
+
+
+def test_screenshots_and_icon_urls_name_files_of_this_repository(top):
+    variables = cmake_variables(top)
+    prefix = "https://raw.githubusercontent.com/medtranslate/SlicerMedTranslate/main/"
+    for field in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in " ".join(variables[field]).split():
+            assert url.startswith(prefix), f"{field}: {url}"
+            assert (ROOT / url[len(prefix):]).is_file(), f"{field}: {url} names no file of the repository"
+
+
+def test_supported_slicer_versions_are_stated_everywhere(top, module_source):
+    """Slicer >= 5.10 (Python 3.12): the extension's description, the module's help text, the README
+    and the module's own check agree; the library's Python floor is the module's."""
+    tree = ast.parse(module_source)
+    constants = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                 and node.targets[0].id.startswith("MINIMUM_")}
+    assert constants == {"MINIMUM_SLICER_VERSION": (5, 10), "MINIMUM_PYTHON_VERSION": (3, 11)}
+    assert "Requires 3D Slicer 5.10 or newer" in " ".join(cmake_variables(top)["EXTENSION_DESCRIPTION"])
+    assert "Requires 3D Slicer 5.10 or newer" in module_source  # help text
+    assert "3D Slicer 5.10 or newer" in (ROOT / "README.md").read_text(encoding="utf-8")
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'requires-python = ">=3.11"' in pyproject
+
+
+class _Py310Constructs(ast.NodeVisitor):
+    """What Python 3.9 cannot run although ``ast.parse(feature_version=(3, 9))`` accepts it."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def _annotation(self, node, where):
+        if node is not None and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(node)):
+            self.found.append(f"line {node.lineno}: X | Y in {where} (evaluated: needs 3.10)")
+
+    def visit_AnnAssign(self, node):  # noqa: N802 (ast.NodeVisitor API)
+        self._annotation(node.annotation, "an annotation")
+        self.generic_visit(node)
+
+    def visit_FunctionDef(self, node):  # noqa: N802
+        for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs, node.args.vararg, node.args.kwarg]:
+            if arg is not None:
+                self._annotation(arg.annotation, f"the signature of {node.name}")
+        self._annotation(node.returns, f"the return type of {node.name}")
+        self.generic_visit(node)
+
+    def visit_Call(self, node):  # noqa: N802
+        name = ast.unparse(node.func)
+        if name == "zip" and any(k.arg == "strict" for k in node.keywords):
+            self.found.append(f"line {node.lineno}: zip(strict=...) needs 3.10")
+        if name.endswith("format_exception") and len(node.args) == 1:
+            self.found.append(f"line {node.lineno}: one-argument format_exception needs 3.10")
+        if name in ("isinstance", "issubclass") and len(node.args) == 2 and isinstance(node.args[1], ast.BinOp):
+            self.found.append(f"line {node.lineno}: {name}(x, A | B) needs 3.10")
+        self.generic_visit(node)
+
+    def visit_ImportFrom(self, node):  # noqa: N802
+        if node.module == "__future__" and any(a.name == "annotations" for a in node.names):
+            self.found.append("from __future__ import annotations hides 3.10 annotations from this check")
+
+    def visit_Import(self, node):  # noqa: N802
+        for alias in node.names:
+            if alias.name.split(".")[0] in ("tomllib",):
+                self.found.append(f"line {node.lineno}: import {alias.name} needs 3.11")
+
+
+def test_module_loads_under_python_39_to_refuse_old_slicer(module_source):
+    """Slicer 5.6 and 5.8 embed Python 3.9: MedTranslate.py must load there to say, in one line,
+    that this Slicer is too old (a SyntaxError or TypeError at import would be all the user sees)."""
+    ast.parse(module_source, feature_version=(3, 9))
+    visitor = _Py310Constructs()
+    visitor.visit(ast.parse(module_source))
+    assert visitor.found == []
+    # the check itself catches what it is for
+    bad = ("def f(x: int | None) -> None:\n    zip(a, b, strict=True)\n"
+           "    traceback.format_exception(e)\n    isinstance(x, int | str)\nimport tomllib\n")
+    probe = _Py310Constructs()
+    probe.visit(ast.parse(bad))
+    assert len(probe.found) == 5, probe.found
+
+
+def test_library_parses_at_its_python_floor():
+    for path in sorted((ROOT / "MedTranslateLib").rglob("*.py")):
+        ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 11))
 
 
 def test_update_script_follows_the_same_rule():

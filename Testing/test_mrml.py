@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import math
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Union
 
@@ -21,6 +22,7 @@ import numpy as np
 import parameter_node_rules
 import pytest
 import slicer  # slicer-core (requirements-dev.txt): real MRML without the Slicer application
+import slicer_app_doubles
 import vtk
 from conftest import rotation_direction
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode
@@ -326,10 +328,19 @@ def test_model_choices_filter_by_source_modality():
 def test_missing_dependencies_uses_find_spec_only():
     present = {"torch", "yaml"}
     missing = mrml.missing_dependencies(lambda name: object() if name in present else None)
-    assert missing == ["monai>=1.4", "safetensors>=0.4", "scipy>=1.11"]
-    assert mrml.dependency_requirements(["torch>=2.4", "monai>=1.4"]) == (True, ["monai>=1.4"])
-    assert mrml.dependency_requirements(missing) == (False, missing)
+    assert missing == ["monai>=1.5", "safetensors>=0.4", "scipy>=1.11"]
     assert mrml.missing_dependencies() == []  # the test environment has them all
+
+
+def test_install_plan_puts_torch_first_and_monai_without_dependencies():
+    """MONAI's own torch requirement must not let pip replace the build PyTorchUtils installed."""
+    every = [requirement for _, requirement in mrml.DEPENDENCIES]
+    plan = mrml.install_plan(every)
+    assert plan.torch == "torch>=2.4"
+    assert plan.no_deps == ("monai>=1.5",)
+    assert plan.others == ("safetensors>=0.4", "pyyaml>=6", "scipy>=1.11")
+    assert mrml.install_plan(["scipy>=1.11"]) == mrml.InstallPlan(None, (), ("scipy>=1.11",))
+    assert mrml.sample_dependencies_missing(every) == ["scipy>=1.11"]
 
 
 def test_device_choices_on_this_machine():
@@ -736,35 +747,9 @@ def test_metrics_summary_lines():
 @pytest.fixture
 def medtranslate_module(monkeypatch, scene):
     """MedTranslate.py loaded with real MRML (slicer-core) as ``slicer``; only the application-only
-    modules (qt, ScriptedLoadableModule, parameterNodeWrapper, i18n) are stand-ins."""
-    import importlib.util
-    import sys
-    import types
-    from pathlib import Path
-
-    def stub(name, **attrs):
-        module = types.ModuleType(name)
-        module.__dict__.update(attrs)
-        monkeypatch.setitem(sys.modules, name, module)
-
-    class Base:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    stub("qt", QIcon=lambda path: path)
-    stub("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text)
-    # not a stand-in that accepts anything: a double that enforces Slicer's serializer rules
-    stub("slicer.parameterNodeWrapper", parameterNodeWrapper=parameter_node_rules.parameterNodeWrapper,
-         WithinRange=parameter_node_rules.WithinRange)
-    stub("slicer.ScriptedLoadableModule", **{n: type(n, (Base,), {}) for n in (
-        "ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
-        "ScriptedLoadableModuleWidget")})
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    path = Path(__file__).resolve().parents[1] / "MedTranslate" / "MedTranslate.py"
-    spec = importlib.util.spec_from_file_location("MedTranslateModuleUnderTest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    modules (qt, ScriptedLoadableModule, parameterNodeWrapper, i18n) are stand-ins
+    (``slicer_app_doubles``)."""
+    return slicer_app_doubles.load_module(monkeypatch.setitem, scene)
 
 
 def test_parameter_node_rules_are_those_of_slicers_serializers():
@@ -834,65 +819,6 @@ def test_module_logic_runs_the_flow_on_real_mrml(scene, module_logic, bundles):
     assert added.synthetic.GetAttribute("MedTranslate.Seed") == "5" and added.metrics_table is None
 
 
-class _FakeWidget:
-    """Just enough of a Qt widget for MedTranslateWidget's own code (no Qt here)."""
-
-    def __init__(self, **attrs):
-        self.enabled, self.text, self.toolTip, self.visible, self.collapsed, self.format = True, "", "", True, False, ""
-        self.slots = {}
-        self.__dict__.update(attrs)
-
-    def connect(self, signal, slot):
-        self.slots[signal] = slot
-
-    def setVisible(self, visible):  # noqa: N802 (Qt API)
-        self.visible = visible
-
-    def setRange(self, lo, hi):  # noqa: N802
-        self.range = (lo, hi)
-
-    def setValue(self, value):  # noqa: N802
-        self.value = value
-
-
-class _FakeComboBox(_FakeWidget):
-    def __init__(self):
-        super().__init__()
-        self.items, self.currentIndex, self.blocked = [], -1, False
-
-    def blockSignals(self, blocked):  # noqa: N802
-        old, self.blocked = self.blocked, blocked
-        return old
-
-    def clear(self):
-        self.items, self.currentIndex = [], -1
-
-    def addItem(self, text, data=None):  # noqa: N802
-        self.items.append((text, data))
-
-    def setCurrentIndex(self, index):  # noqa: N802
-        self.currentIndex = index
-        if not self.blocked and "currentIndexChanged(int)" in self.slots:
-            self.slots["currentIndexChanged(int)"](index)
-
-    def itemData(self, index):  # noqa: N802
-        return self.items[index][1] if 0 <= index < len(self.items) else None
-
-
-class _FakeParameterNode:
-    """Attributes of MedTranslateParameterNode; a change calls the widget back, as the
-    parameter node wrapper's ModifiedEvent does."""
-
-    def __init__(self, defaults, on_modified):
-        self.__dict__.update(defaults)
-        self.__dict__["_on_modified"] = on_modified
-
-    def __setattr__(self, name, value):
-        if getattr(self, name, object()) != value:
-            self.__dict__[name] = value
-            self._on_modified()
-
-
 def test_module_widget_flow_with_fake_qt(scene, medtranslate_module, bundles, monkeypatch, tmp_path):
     """The widget's own code (combo filling, validation line, Apply -> Cancel, polling, results,
     cancel) driven with stand-in widgets on real MRML; only Qt itself is missing."""
@@ -901,27 +827,10 @@ def test_module_widget_flow_with_fake_qt(scene, medtranslate_module, bundles, mo
     from MedTranslateLib import model_store
 
     monkeypatch.setattr(model_store, "bundled_models_dir", lambda: bundles.plain.parent)
-    errors = []
-    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append(text), raising=False)
-    monkeypatch.setattr(slicer.util, "resetSliceViews", lambda: None, raising=False)
-    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kw: None, raising=False)
-    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
-
-    widget = module.MedTranslateWidget.__new__(module.MedTranslateWidget)  # no Qt: setup() is not run
-    widget.__dict__.update(logic=module.MedTranslateLogic(), _parameterNode=None, _parameterNodeGuiTag=None, _missing=[],
-                           _modelChoices=[], _filledFor={}, _updating=False, _run=None, _job=None,
-                           _lastResults=None, _sampleSeed=0, _pollTimer=_FakeWidget(start=lambda: None,
-                                                                                    stop=lambda: None))
-    combos = ("liverRegionComboBox", "tumorRegionComboBox", "modelComboBox", "deviceComboBox")
-    ui = {name: (_FakeComboBox() if name in combos else _FakeWidget()) for name in module.MedTranslateTest.UI_NAMES}
-    ui.update({n: _FakeWidget() for n in ("stepsLabel", "numSamplesLabel", "modelInfoLabel", "modelCollapsibleButton",
-                                          "optionsCollapsibleButton", "resultsCollapsibleButton")})
-    widget.ui = SimpleNamespace(**ui)
-    widget.ui.modelComboBox.connect("currentIndexChanged(int)", widget.onModelSelected)
-    defaults = {k: v for k, v in vars(module.MedTranslateParameterNode).items() if not k.startswith("_")}
-    defaults.update(sourceVolume=None, referenceVolume=None, liverMask=None, tumorMask=None)
-    pn = _FakeParameterNode(defaults, widget._onParameterNodeModified)
-    widget._parameterNode = pn
+    monkeypatch.setattr(module.MedTranslateLogic, "translationPython", staticmethod(lambda: None))  # thread path
+    errors = slicer_app_doubles.quiet_application(monkeypatch.setattr)
+    widget = slicer_app_doubles.make_widget(module)
+    pn = widget._parameterNode
 
     widget._onParameterNodeModified()
     assert not widget.ui.applyButton.enabled and "source volume" in widget.ui.statusLabel.text
@@ -975,3 +884,225 @@ def test_module_widget_flow_with_fake_qt(scene, medtranslate_module, bundles, mo
     widget._onPoll()
     assert errors == ["model.safetensors: not a valid safetensors file"]
     assert widget.ui.statusLabel.text == errors[0] and widget.ui.applyButton.text == "Apply"
+
+
+# --------------------------------------------------------------------------- the module meets the application (#12)
+
+
+def test_the_panel_never_imports_torch(bundles, tmp_path):
+    """Open the panel, load the sample, add a model, list models and GPUs, Apply, add the results:
+    in a fresh interpreter, with the model check, the translation and the GPU list in processes of
+    their own, the panel's thread never imports torch (PythonQt keeps the GIL; torch on that thread
+    also costs seconds)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    testing = Path(__file__).resolve().parent
+    bundle = shutil.copytree(bundles.plain, tmp_path / "downloads" / "liver_cta")  # added with Add model
+    code = ("import json, sys, slicer_app_doubles as d; "
+            "print('RESULT ' + json.dumps(d.panel_flow(sys.argv[1])))")
+    env = dict(os.environ, MEDTRANSLATE_HOME=str(tmp_path / "home"),
+               PYTHONPATH=os.pathsep.join([str(testing), str(testing.parent)]))
+    out = subprocess.run([sys.executable, "-c", code, str(bundle / "medtranslate.yaml")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert seen["ready"] and seen["errors"] == [], seen
+    assert seen["added"] == "liver_cta" and (tmp_path / "home" / "models" / "liver_cta" / "model.safetensors").is_file()
+    assert seen["job"] == "TranslationProcess"
+    assert seen["synthetic"] == "Phantom 0 CT – synthetic CTA (arterial) (pix2pix)", seen
+    assert ["CPU", "cpu"] in seen["devices"] and seen["devices"][0][0].startswith("Auto (")  # from the process
+    assert seen["torch_imported"] is False
+
+
+def test_device_query_asks_a_process_and_falls_back(tmp_path):
+    import sys
+
+    query = mrml.DeviceQuery(sys.executable).start()
+    choices = query.wait(120)
+    assert query.error is None and choices[0][1] == "auto" and ("CPU", "cpu") in choices
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'no torch here' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    failed = mrml.DeviceQuery(str(broken)).start()
+    assert failed.wait(30) == list(mrml.DEFAULT_DEVICE_CHOICES)
+    assert failed.error == "cannot list the GPUs: no torch here"
+    missing = mrml.DeviceQuery(str(tmp_path / "no-such-python")).start()
+    assert missing.poll() == list(mrml.DEFAULT_DEVICE_CHOICES) and "cannot start" in missing.error
+
+
+def test_closing_the_scene_while_a_job_runs(scene, medtranslate_module, bundles, monkeypatch, tmp_path):
+    """The module not entered, the scene closed during a run: no exception, no node, one line."""
+    module = medtranslate_module
+    monkeypatch.setenv("MEDTRANSLATE_HOME", str(tmp_path / "home"))
+    from MedTranslateLib import model_store
+
+    monkeypatch.setattr(model_store, "bundled_models_dir", lambda: bundles.plain.parent)
+    monkeypatch.setattr(module.MedTranslateLogic, "translationPython", staticmethod(lambda: None))
+    errors = slicer_app_doubles.quiet_application(monkeypatch.setattr)
+    widget = slicer_app_doubles.make_widget(module)
+    widget._onParameterNodeModified()
+    widget.onSampleDataButton()
+    widget._parameterNode.model, widget._parameterNode.device = "tiny_pix2pix", "cpu"
+
+    widget.onApplyButton()
+    job = widget._job
+    widget.onSceneStartClose(None, None)  # cancels the job, drops the parameter node
+    scene.Clear(0)
+    job.wait(120)
+    widget._onPoll()
+    assert errors == [] and widget._job is None and scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
+
+    # a run that finished just before the close: its result is discarded, not added to the new scene
+    widget.setParameterNode(slicer_app_doubles.make_widget(module)._parameterNode)  # a new scene's node
+    widget.onSampleDataButton()
+    widget._parameterNode.model, widget._parameterNode.device = "tiny_pix2pix", "cpu"
+    widget.onApplyButton()
+    widget._job.wait(120)
+    widget.onSceneStartClose(None, None)
+    scene.Clear(0)
+    widget._onPoll()
+    assert errors == [] and "result was discarded" in widget.ui.statusLabel.text
+    assert scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
+
+
+def test_an_older_slicer_is_refused_with_one_message(medtranslate_module, monkeypatch):
+    module = medtranslate_module
+    assert module.unsupportedReason((5, 10), (3, 12)) == ""
+    assert module.unsupportedReason((5, 12), (3, 12)) == ""
+    old = module.unsupportedReason((5, 8), (3, 9))
+    assert old == ("MedTranslate needs 3D Slicer 5.10 or newer; this is Slicer 5.8. Please install a newer Slicer "
+                   "(and the MedTranslate extension for it).")
+    assert "Python 3.11 or newer" in module.unsupportedReason((5, 10), (3, 9))
+    assert module.unsupportedReason() == ""  # slicer-core: no application, Python >= 3.11
+
+    monkeypatch.setattr(module, "slicerVersion", lambda: (5, 8))
+    with pytest.raises(RuntimeError, match="needs 3D Slicer 5.10"):
+        module.MedTranslateLogic()
+    widget = module.MedTranslateWidget(None)
+    added = []
+    monkeypatch.setattr(module.ScriptedLoadableModuleWidget, "setup",
+                        lambda self: setattr(self, "layout", SimpleNamespace(addWidget=added.append,
+                                                                             addStretch=lambda n: None)),
+                        raising=False)
+    monkeypatch.setattr(module.qt, "QLabel", lambda text: SimpleNamespace(text=text, wordWrap=False), raising=False)
+    widget.setup()
+    widget.enter()
+    widget.exit()
+    widget.cleanup()
+    assert [w.text for w in added] == [old.replace("5.8", "5.8")] and added[0].wordWrap
+    assert not hasattr(widget, "ui")  # no panel: nothing else can fail later
+    parent = SimpleNamespace()
+    module.MedTranslate.__init__(SimpleNamespace(parent=parent, moduleName="MedTranslate"), parent)
+    assert parent.helpText.startswith("<p><b>MedTranslate needs 3D Slicer 5.10")
+
+
+class _SlicerPackaging:
+    """``slicer.util.pip_install`` (5.10) and ``slicer.packaging.pip_ensure`` (5.12) with their
+    real signatures (Base/Python/slicer/util.py, packaging.py): a wrong keyword is a TypeError."""
+
+    def __init__(self, fail=False):
+        self.calls, self.fail = [], fail
+
+    def pip_install(self, requirements):
+        if self.fail:
+            import subprocess
+
+            raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install"])
+        self.calls.append(("pip_install", list(requirements)))
+
+    def pip_ensure(self, requirements, constraints=None, skip_packages=None, prompt_install=True, prompt_restart=True,
+                   requester=None, skip_in_testing=True, show_progress=True):
+        self.calls.append(("pip_ensure", list(requirements), dict(prompt_install=prompt_install,
+                                                                  skip_in_testing=skip_in_testing)))
+
+
+class _PyTorchUtilsLogic:
+    """PyTorchUtils.PyTorchUtilsLogic (fepegar/SlicerPyTorch) with its real signatures."""
+
+    calls: list = []
+
+    @staticmethod
+    def torchInstalled():  # noqa: N802 (its API)
+        return False
+
+    def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,  # noqa: N802, N803
+                     torchvisionVersionRequirement=None):
+        self.calls.append(("installTorch", askConfirmation, torchVersionRequirement))
+        return object()
+
+
+@pytest.mark.parametrize("slicer_version", ["5.10", "5.12"])
+def test_dependencies_install_in_order_with_one_consent(medtranslate_module, monkeypatch, slicer_version):
+    import sys
+    import types
+
+    module = medtranslate_module
+    fake = _SlicerPackaging()
+    monkeypatch.setattr(slicer.util, "pip_install", fake.pip_install, raising=False)
+    packaging = types.ModuleType("slicer.packaging")
+    if slicer_version == "5.12":
+        packaging.pip_ensure = fake.pip_ensure
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    _PyTorchUtilsLogic.calls = []
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=_PyTorchUtilsLogic))
+    asked = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: asked.append(text) or True,
+                        raising=False)
+    monkeypatch.setattr(slicer.util, "WaitCursor", contextlib.nullcontext, raising=False)
+    monkeypatch.setattr(mrml, "missing_dependencies", lambda: [])  # after the installation
+    every = [requirement for _, requirement in mrml.DEPENDENCIES]
+
+    assert module.MedTranslateLogic().installDependencies(every) is True
+    assert len(asked) == 1 and all(r in asked[0] for r in every)  # one consent, ours, naming everything
+    assert _PyTorchUtilsLogic.calls == [("installTorch", False, ">=2.4")]  # torch first, PyTorchUtils' build
+    rest = ["safetensors>=0.4", "pyyaml>=6", "scipy>=1.11"]
+    expected_rest = (("pip_ensure", rest, {"prompt_install": False, "skip_in_testing": False})
+                     if slicer_version == "5.12" else ("pip_install", rest))
+    assert fake.calls == [("pip_install", ["--no-deps", "monai>=1.5"]), expected_rest]
+
+    # declined: nothing installed, no exception
+    fake.calls.clear()
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: False, raising=False)
+    assert module.MedTranslateLogic().installDependencies(every) is False and fake.calls == []
+
+    # offline: one line that says so
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: True, raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", _SlicerPackaging(fail=True).pip_install, raising=False)
+    with pytest.raises(ValueError, match="could not be installed .*offline") as info:
+        module.MedTranslateLogic().installDependencies(["monai>=1.5"])
+    assert "\n" not in str(info.value)
+
+
+def test_the_phantom_is_offered_in_sample_data(scene, medtranslate_module, monkeypatch):
+    """Registered as Slicer's SampleData registers custom sources (Modules/Scripted/SampleData):
+    every list of a source has one entry per node; the custom downloader is called with the source."""
+    import sys
+
+    module = medtranslate_module
+    registered = []
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,  # noqa: N802, N803
+                                           nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                           loadFileTypes=None, loadFiles=None, loadFileProperties={},  # noqa: B006
+                                           checksums=None, loadFileType=None):
+            if isinstance(uris, str):
+                uris, fileNames, nodeNames = [uris], [fileNames], [nodeNames]
+            assert isinstance(uris, list | tuple) and len(uris) == len(fileNames) == len(nodeNames)
+            registered.append(SimpleNamespace(category=category, sampleName=sampleName, uris=uris, nodeNames=nodeNames,
+                                              thumbnailFileName=thumbnailFileName, customDownloader=customDownloader))
+
+    monkeypatch.setitem(sys.modules, "SampleData", SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    slicer_app_doubles.quiet_application(monkeypatch.setattr)
+    module.registerSampleData()
+    (source,) = registered
+    assert (source.category, source.sampleName) == ("MedTranslate", "MedTranslatePhantom")
+    assert Path(source.thumbnailFileName).is_file()
+    nodes = source.customDownloader(source)
+    assert [n.GetName() for n in nodes] == source.nodeNames
+    assert all(n.GetScene() is scene for n in nodes)

@@ -118,3 +118,24 @@ def test_reading_a_request_and_result_imports_no_torch(bundle, case, tmp_path):
             "runner.read_result(sys.argv[1]); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_add_model_is_checked_and_copied_in_a_process(bundle, tmp_path, monkeypatch):
+    """``runner --import``: the Slicer panel's Add model, with torch only in the process."""
+    from pathlib import Path
+
+    monkeypatch.setenv("MEDTRANSLATE_HOME", str(tmp_path / "home"))
+    query = runner.ImportQuery(bundle).start()
+    answer = query.wait(120)
+    assert query.error is None and answer["name"] == Path(bundle).name
+    assert (Path(answer["path"]) / "model.safetensors").is_file()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "medtranslate.yaml").write_text("format_version: 1\nmethod: no_such_method\n")
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    failed = runner.ImportQuery(broken).start()
+    assert failed.wait(120) is None and failed.done
+    assert "no_such_method" in failed.error and "\n" not in failed.error
+    assert not (tmp_path / "home" / "models" / "broken").exists()  # nothing copied
+    assert runner.main(["--import"]) == 2  # usage

@@ -2,7 +2,7 @@
 
 Runs inside Slicer and, for the tests, in plain Python with the ``slicer-core`` package (real
 MRML, no application): it uses only MRML, VTK and numpy (+ the library). torch is imported only
-by the functions that run the engine or list models and devices.
+by the functions that run the engine (``device_choices`` too; the panel asks ``DeviceQuery``).
 
 Conventions
     MRML stores a volume as ``vtkImageData`` (x fastest, i.e. a (z, y, x) numpy array) plus an
@@ -38,6 +38,7 @@ from ..app import (
     readable_error,
 )
 from ..modality import modality_family, modality_label, model_fits
+from ..runner import DEFAULT_DEVICE_CHOICES, DeviceQuery, ImportQuery
 from ..runtime import device_choices
 from .layout import RESULT_LAYOUT_ID, RESULT_VIEWS, result_layout_xml, result_view_assignments, show_results
 from .nodes import (
@@ -78,15 +79,19 @@ from .results import (
 from .results import _metrics_table as _metrics_table
 from .run import (
     DEPENDENCIES,
+    NO_DEPS,
+    SAMPLE_DEPENDENCIES,
+    InstallPlan,
     TranslationRun,
     check_inputs,
-    dependency_requirements,
+    install_plan,
     missing_dependencies,
     read_request,
     roi_roles,
+    sample_dependencies_missing,
     translate_nodes,
 )
-from .sample import SampleNodes, add_phantom_case
+from .sample import SampleNodes, add_phantom_case, sample_node_names
 from .sample import _oriented_image as _oriented_image
 
 #: The model cache of the previous name (kept importable).
@@ -98,10 +103,11 @@ __all__ = [
     "volume_from_node", "update_node_from_volume", "add_volume_node",
     "mask_choices", "default_mask_choice", "mask_from_node",
     "source_modality", "modality_family", "modality_label", "model_fits",
-    "missing_dependencies", "dependency_requirements", "device_choices", "ModelChoice", "model_choices",
+    "missing_dependencies", "NO_DEPS", "SAMPLE_DEPENDENCIES", "InstallPlan", "install_plan",
+    "sample_dependencies_missing", "device_choices", "DeviceQuery", "ImportQuery", "DEFAULT_DEVICE_CHOICES", "ModelChoice", "model_choices",
     "check_inputs", "roi_roles", "TranslationOptions", "TranslationRequest", "read_request",
     "TranslatorCache", "TranslationRun", "translate_nodes",
     "ResultNodes", "result_name", "add_result_nodes", "metrics_summary", "difference_color_node",
     "uncertainty_color_node", "result_layout_xml", "result_view_assignments", "show_results",
-    "SampleNodes", "add_phantom_case", "readable_error",
+    "SampleNodes", "add_phantom_case", "sample_node_names", "readable_error",
 ]

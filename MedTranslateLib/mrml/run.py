@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..app import (
@@ -24,11 +25,20 @@ from .results import ResultNodes, add_result_nodes
 #: (Slicer ships numpy, SimpleITK and VTK). torch comes first: the others depend on it.
 DEPENDENCIES: tuple[tuple[str, str], ...] = (
     ("torch", "torch>=2.4"),
-    ("monai", "monai>=1.4"),
+    ("monai", "monai>=1.5"),
     ("safetensors", "safetensors>=0.4"),
     ("yaml", "pyyaml>=6"),
     ("scipy", "scipy>=1.11"),
 )
+#: Installed with ``--no-deps`` after torch: their own torch requirement could make pip replace the
+#: build PyTorchUtils picked for this GPU and driver (SlicerTotalSegmentator does the same).
+NO_DEPS = frozenset({"monai"})
+#: What the phantom sample case needs (the sample loads before the first Apply).
+SAMPLE_DEPENDENCIES = frozenset({"scipy"})
+
+
+def _project(requirement: str) -> str:
+    return requirement.split(">")[0].split("=")[0].split("<")[0].strip()
 
 
 def missing_dependencies(find_spec: Callable[[str], Any] = importlib.util.find_spec) -> list[str]:
@@ -44,11 +54,28 @@ def missing_dependencies(find_spec: Callable[[str], Any] = importlib.util.find_s
     return missing
 
 
-def dependency_requirements(missing: Sequence[str]) -> tuple[bool, list[str]]:
-    """(torch is missing, the other missing requirements): torch is installed separately
-    (PyTorchUtils picks the build for the GPU and driver)."""
-    torch_missing = any(r.split(">")[0].split("=")[0].strip() == "torch" for r in missing)
-    return torch_missing, [r for r in missing if r.split(">")[0].split("=")[0].strip() != "torch"]
+@dataclass(frozen=True)
+class InstallPlan:
+    """How the missing requirements are installed, in this order: ``torch`` (through
+    PyTorchUtils when the PyTorch extension is there), then ``no_deps`` with ``pip --no-deps``,
+    then ``others`` with their dependencies."""
+
+    torch: str | None
+    no_deps: tuple[str, ...]
+    others: tuple[str, ...]
+
+
+def install_plan(missing: Sequence[str]) -> InstallPlan:
+    """The ``InstallPlan`` of the missing pip requirements (``missing_dependencies()``)."""
+    torch = next((r for r in missing if _project(r) == "torch"), None)
+    rest = [r for r in missing if _project(r) != "torch"]
+    return InstallPlan(torch, tuple(r for r in rest if _project(r) in NO_DEPS),
+                       tuple(r for r in rest if _project(r) not in NO_DEPS))
+
+
+def sample_dependencies_missing(missing: Sequence[str]) -> list[str]:
+    """The requirements among ``missing`` that the phantom sample needs."""
+    return [r for r in missing if _project(r) in SAMPLE_DEPENDENCIES]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,21 +51,28 @@ def _oriented_image(mask: np.ndarray, like: mio.Volume) -> Any:
     return image
 
 
+def sample_node_names(prefix: str, source: str = "ct", reference: str | None = "cta_arterial") -> list[str]:
+    """Names of the nodes ``add_phantom_case`` adds: source, reference (when given), segmentation."""
+    return [f"{prefix} {modality_label(source)}", *([f"{prefix} {modality_label(reference)}"] if reference else []),
+            f"{prefix} liver and tumor"]
+
+
 def add_phantom_case(scene: Any, case: Any, *, source: str = "ct", reference: str | None = "cta_arterial",
                      prefix: str | None = None) -> SampleNodes:
     """Put a ``phantom.PhantomCase`` into the scene: the source and reference volumes (tagged
     with their modality) and a segmentation with "liver" and "tumor" segments, in one
     subject-hierarchy study. Nothing is downloaded."""
     prefix = prefix or f"Phantom {case.seed}"
+    names = sample_node_names(prefix, source, reference)
     src = case.images[source]
-    source_node = add_volume_node(scene, src, f"{prefix} {modality_label(source)}")
+    source_node = add_volume_node(scene, src, names[0])
     source_node.SetAttribute(MODALITY_ATTRIBUTE, source)
     reference_node = None
     if reference:
-        reference_node = add_volume_node(scene, case.images[reference], f"{prefix} {modality_label(reference)}")
+        reference_node = add_volume_node(scene, case.images[reference], names[1])
         reference_node.SetAttribute(MODALITY_ATTRIBUTE, reference)
     _ensure_segmentation_converters()
-    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{prefix} liver and tumor")
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", names[-1])
     segmentation_node.CreateDefaultDisplayNodes()
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(source_node)
     segmentation = segmentation_node.GetSegmentation()
