@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -377,40 +376,35 @@ def write_json(obj: Any, path: Path) -> Path:
 
 
 def write_outputs(items: Sequence[tuple[Any, Path]], modality: str) -> list[Path]:
-    """Write volumes / JSON documents; on any failure remove what this call already wrote."""
+    """Write volumes / JSON documents all or nothing (``io.OutputSet``): each is staged next to its
+    target and all are moved into place at the end; a failure (or an interrupt) leaves the
+    previous outputs as they were."""
+    import json
+
     from . import io
 
-    written: list[Path] = []
-    try:
+    with io.OutputSet() as outputs:
         for obj, path in items:
             if isinstance(obj, io.Volume):
-                io.write_volume(obj, path, modality=modality)
+                outputs.add_volume(obj, path, modality=modality)
             else:
-                write_json(obj, path)
-            written.append(path)
-    except BaseException:
-        for path in written:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-        raise
-    return written
+                outputs.add_file(lambda staged, obj=obj: staged.write_text(json.dumps(obj, indent=2) + "\n",
+                                                                           encoding="utf-8"), path)
+        return outputs.commit()
 
 
 def write_case_folder(outcome: TranslationOutcome, folder: Path, case: Any = None) -> list[Path]:
     """Every output of one case, and ``metrics.json``, into ``folder`` at once: written into a
     temporary sibling folder that then replaces ``folder`` (``io.replace_dir``: the previous
     outputs come back if the swap fails). A ``folder`` holding other files is refused."""
-    from .io import replace_dir
+    from .io import private_temp_dir, replace_dir
 
     names = output_files(outcome)
     if folder.exists():
         allowed = {*(n.format(target=outcome.meta.target.modality) for n in _CASE_FILES.values()), METRICS_FILE}
         if not folder.is_dir() or any(p.name not in allowed for p in folder.iterdir()):
             raise UserError(f"{folder}: exists and holds other files; not replacing it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = private_temp_dir(folder.parent, folder.name)
     try:
         items = [(getattr(outcome.result, key), tmp / name) for key, name in names.items()]
         items.append((metrics_document(outcome, case), tmp / METRICS_FILE))

@@ -15,6 +15,29 @@ from .app import UserError as CLIError
 from .runtime import first_line
 
 PROG = "medtranslate"
+#: Seeds are 63-bit (the engine derives every slice's generator from them).
+MAX_SEED = 2**63 - 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (``prog: error: ...``, exit 2), without the usage block."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _bounded_int(low: int, high: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high if high is not None else 'inf'}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
 
 
 
@@ -164,6 +187,13 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if volume_stem(out) is not None or (out.exists() and not out.is_dir()):
         raise CLIError(f"--output {out}: must be a folder when --input is a folder of cases")
+    root, dest = source.resolve(), out.resolve()
+    if dest == root or root in dest.parents or dest in root.parents:
+        raise CLIError(f"--output {out}: must be outside --input {source} (and not contain it): case folders "
+                       f"written there would replace or mix with the inputs")
+    model = translator.bundle.path.resolve()
+    if model == dest or dest in model.parents:
+        raise CLIError(f"--output {out}: holds the model {translator.bundle.path}; choose another folder")
     mine = runtime.shard(cases, rank, world)
     print(f"{len(mine)} of {len(cases)} case(s) on rank {rank}/{world}, device {translator.device}")
     failed = 0
@@ -171,11 +201,12 @@ def _cmd_translate(args: argparse.Namespace) -> int:
         try:
             case, outcome = _run_case(files, options, cache)
             app.write_case_folder(outcome, out / files.name, files)
-        except (ValueError, OSError, RuntimeError, KeyError) as exc:
+        except (ValueError, OSError, RuntimeError, KeyError, EOFError, MemoryError) as exc:
             if os.environ.get("MEDTRANSLATE_DEBUG"):
                 raise
             failed += 1
-            print(f"{PROG}: error: {files.name}: {runtime.first_line(exc)}", file=sys.stderr)
+            reason = "not enough memory" if isinstance(exc, MemoryError) else runtime.first_line(exc)
+            print(f"{PROG}: error: {files.name}: {reason}", file=sys.stderr)
             continue
         result = outcome.result
         extra = ""
@@ -203,9 +234,16 @@ def _translate_single(translator, cache, options, args: argparse.Namespace) -> i
     if len(set(targets)) != len(targets):
         raise CLIError("--output, --difference, --uncertainty and --metrics must be different paths")
     files = CaseFiles.single(args.input, reference=args.reference, masks=_mask_flags(args))
-    inputs = {Path(p).resolve() for p in files.inputs}
-    if inputs & set(targets):
-        raise CLIError(f"an output path is also an input: {sorted(str(p) for p in inputs & set(targets))[0]}")
+    from .io import check_outputs_spare_inputs, files_read
+
+    inputs = set().union(*(files_read(p) for p in (*files.inputs, translator.bundle.path)))
+    named = {"--output": out, **{f"--{k}": v for k, v in extra.items() if v}}
+    try:
+        check_outputs_spare_inputs(named, inputs)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if args.metrics and Path(args.metrics).resolve() in inputs:
+        raise CLIError(f"--metrics {args.metrics}: is an input; choose another output path")
     if args.reference is None and args.metrics is not None:
         raise CLIError("--metrics needs --reference (metrics compare the synthetic with a reference)")
     caps = translator.capabilities
@@ -401,13 +439,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Medical image translation.")
+    parser = _Parser(prog=prog, description="Medical image translation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantom", help="write paired abdominal phantom cases (all modalities + masks)")
     p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per case)")
-    p.add_argument("--cases", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cases", type=_bounded_int(1, 100000), default=1)
+    p.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=0)
     p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="volume size in voxels (default 64 128 128)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
@@ -418,7 +456,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: a phantom case through the bundled demo models")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    p.add_argument("--seed", type=int, default=4,
+    p.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=4,
                    help="phantom dataset seed; its case 0 is used (default 4: 3 liver tumors; the demo model "
                         "was trained on dataset seed 7)")
     p.add_argument("--model", action="append", default=None,
@@ -441,9 +479,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--difference", default=None, help="write synthetic - source (target units) here")
     p.add_argument("--uncertainty", default=None, help="write the uncertainty map here (methods that have one)")
     p.add_argument("--metrics", default=None, help="write metrics JSON here (needs --reference)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion methods)")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per slice (uncertainty)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
+    p.add_argument("--steps", type=_bounded_int(1, 100000), default=None, help="sampling steps (diffusion methods)")
+    p.add_argument("--num-samples", type=_bounded_int(1, 1024), default=1, help="samples per slice (uncertainty)")
+    p.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=0, help="random seed (same seed, same output)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     p.add_argument("--batch-size", type=_batch_size, default="auto", help="slices per batch, or auto")
@@ -451,7 +489,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--slices", default=None, metavar="FIRST:LAST", help="translate only these slices")
     g.add_argument("--roi", default=None, metavar="NAME",
                    help="translate only the slices holding this ROI mask (+- --extent-margin)")
-    p.add_argument("--extent-margin", "--roi-margin", dest="extent_margin", type=int, default=4,
+    p.add_argument("--extent-margin", "--roi-margin", dest="extent_margin", type=_bounded_int(0, 100000), default=4,
                    help="slices kept on each side of the --roi mask's extent (not the training's data.roi_margin)")
     p.add_argument("--shared-noise", action="store_true", help="same noise for every slice (diffusion methods)")
     p.set_defaults(func=_cmd_translate)
@@ -462,14 +500,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
                    help="the bundle's own case split (ratios and seed are in the bundle), or all")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (diffusion methods)")
+    p.add_argument("--steps", type=_bounded_int(1, 100000), default=None, help="sampling steps (diffusion methods)")
     p.add_argument("--batch-size", type=_batch_size, default="auto",
                    help="slices per forward pass (auto: from free GPU memory, 8 on CPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (stochastic methods)")
-    p.add_argument("--num-samples", type=int, default=1,
+    p.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=0, help="random seed (stochastic methods)")
+    p.add_argument("--num-samples", type=_bounded_int(1, 1024), default=1,
                    help="samples per slice, averaged (stochastic methods)")
-    p.add_argument("--max-cases", type=int, default=None, help="evaluate at most this many cases")
+    p.add_argument("--max-cases", type=_bounded_int(1), default=None, help="evaluate at most this many cases")
     p.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -486,19 +524,46 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(BaseException):
+    """SIGTERM as an exception, so that every ``finally`` (temporary outputs) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
+    import signal
+
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (e.g. called from a test thread): keep the default
+        previous = None
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+    except _Terminated:
+        print(f"{prog}: terminated; nothing was written", file=sys.stderr)
+        return 143
+    except MemoryError:
+        if os.environ.get("MEDTRANSLATE_DEBUG"):
+            raise
+        print(f"{prog}: error: not enough memory for this input (try --slices or a smaller --batch-size)",
+              file=sys.stderr)
+        return 2
+    except (ValueError, OSError, KeyError, RuntimeError, EOFError) as exc:
         if os.environ.get("MEDTRANSLATE_DEBUG"):
             raise
         print(f"{prog}: error: {first_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

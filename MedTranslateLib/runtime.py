@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["resolve_device", "Precision", "resolve_precision", "distributed_env", "shard", "first_line", "device_choices",
+           "available_memory",
            "local_device"]
 
 # name -> canonical precision ("fp32" | "bf16" | "fp16" | "auto")
@@ -155,3 +156,19 @@ def device_choices() -> list[tuple[str, str]]:
             gpus.append((f"GPU {index}: {props.name} ({props.total_memory / 2**30:.0f} GB)", f"cuda:{index}"))
     auto = f"Auto ({gpus[0][0]})" if gpus else "Auto (CPU: no CUDA GPU found)"
     return [(auto, "auto"), ("CPU", "cpu"), *gpus]
+
+
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation (``MemAvailable`` of /proc/meminfo,
+    else free physical pages), None when the system does not say."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None

@@ -178,7 +178,7 @@ def _write_far_mask(path):
     ("unavailable device", "cuda:7"),
     ("not a bundle", "not a bundle"),
     ("broken bundle", "weights do not match"),
-    ("output is input", "also an input"),
+    ("output is input", "would overwrite or change the input"),
     ("bad output extension", "unsupported output extension"),
     ("uncertainty undefined", "defines no uncertainty"),
     ("metrics without reference", "needs --reference"),
@@ -240,3 +240,106 @@ def test_bad_input_one_line_nonzero_no_output(problem, expect, bundle, case, tmp
     assert expect in lines[0]
     assert files_under(out_dir) == []
     assert files_under(case) == before
+
+
+# --------------------------------------------------------------------------- issue 13: inputs are never touched
+
+
+def _digest(path):
+    import hashlib
+
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_no_output_may_replace_or_change_an_input(bundle, case, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    io.write_volume(ct_volume(shape=(9, 40, 48)), scans)  # a DICOM series folder
+    one_slice = sorted(scans.iterdir())[4]
+    header = tmp_path / "hdr" / "in.mhd"
+    io.write_volume(ct_volume(shape=(9, 40, 48)), header)  # voxels in hdr/in.zraw
+    shared = tmp_path / "hdr" / "syn.mhd"
+    shared.write_text(header.read_text().replace("in.zraw", "syn.zraw"))  # an input whose data is syn.zraw
+    (tmp_path / "hdr" / "in.zraw").rename(tmp_path / "hdr" / "syn.zraw")
+    attempts = {
+        "a slice of a series, written over its folder": ["--input", one_slice, "--output", scans],
+        "the series itself as the output folder": ["--input", scans, "--output", scans],
+        "an output inside the input series": ["--input", scans, "--output", scans / "syn.nii.gz"],
+        "the data file of an .mhd input": ["--input", shared, "--output", tmp_path / "hdr" / "syn.mhd"],
+        "another header over that data file": ["--input", shared, "--output", tmp_path / "hdr" / "in2.mhd",
+                                               "--difference", tmp_path / "hdr" / "syn.mhd"],
+        "the difference over a mask": ["--input", case / "ct.nii.gz", "--output", tmp_path / "o.nii.gz",
+                                       "--liver", case / "liver.nii.gz", "--difference", case / "liver.nii.gz"],
+        "the metrics over the reference": ["--input", case / "ct.nii.gz", "--output", tmp_path / "o.nii.gz",
+                                               "--reference", case / "cta_arterial.nii.gz",
+                                               "--metrics", case / "cta_arterial.nii.gz"],
+        "an output inside the model": ["--input", case / "ct.nii.gz", "--output", bundle / "syn.nii.gz"],
+    }
+    watched = [scans, tmp_path / "hdr", case, bundle]
+    before = {str(w): _digest(w) for w in watched}
+    for what, args in attempts.items():
+        code, stdout, err = run(["--model", bundle, *args, "--device", "cpu"], capsys)
+        assert code == 2, what
+        assert len(err.strip().splitlines()) == 1 and ("input" in err or "is an input" in err), (what, err)
+    assert {str(w): _digest(w) for w in watched} == before
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_batch_never_writes_into_its_input_or_model(bundle, tmp_path, capsys):
+    root = tmp_path / "cases"
+    make_cases(root, ["a", "b"])
+    before = _digest(root)
+    for out in (root, root / "out", tmp_path):
+        code, _, err = run(["--model", bundle, "--input", root, "--output", out, "--device", "cpu"], capsys)
+        assert code == 2 and "must be outside --input" in err and len(err.strip().splitlines()) == 1
+    assert _digest(root) == before
+
+
+def test_a_failed_rerun_keeps_the_previous_outputs(bundle, case, tmp_path, capsys):
+    out, diff = tmp_path / "syn.nii.gz", tmp_path / "diff.nii.gz"
+    base = ["--model", bundle, "--input", case / "ct.nii.gz", "--output", out, "--device", "cpu"]
+    assert run([*base, "--difference", diff], capsys)[0] == 0
+    before = {p: p.read_bytes() for p in (out, diff)}
+    (tmp_path / "blocker").write_text("a file where a folder is needed")
+    code, _, err = run([*base, "--seed", "5", "--difference", tmp_path / "blocker" / "diff.nii.gz"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in (out, diff)} == before  # the first output was not replaced either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "diff.nii.gz", "in", "syn.nii.gz"]
+
+
+def test_a_bad_case_in_a_batch_is_reported_and_the_others_are_written(bundle, tmp_path, capsys):
+    import gzip
+
+    root, out = tmp_path / "cases", tmp_path / "out"
+    make_cases(root, ["a", "c"])
+    for name, damage in (("b", "truncated gzip"), ("d", "header only")):
+        (root / name).mkdir()
+        data = gzip.decompress((root / "a" / "ct.nii.gz").read_bytes())
+        if damage == "truncated gzip":
+            packed = gzip.compress(data)
+            (root / name / "ct.nii.gz").write_bytes(packed[: len(packed) // 2])
+        else:
+            (root / name / "ct.nii").write_bytes(data[:352])
+    code, stdout, err = run(["--model", bundle, "--input", root, "--output", out, "--device", "cpu"], capsys)
+    assert code == 2
+    assert sorted(p.name for p in out.iterdir()) == ["a", "c"]
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("medtranslate: error: b: ") and "gzip stream is truncated" in lines[0]
+    assert lines[1].startswith("medtranslate: error: d: ") and "truncated" in lines[1]
+    assert lines[2] == "medtranslate: error: 2 of 4 case(s) failed"
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--seed", str(2**63)], "--seed: 9223372036854775808 is outside 0..9223372036854775807"),
+    (["--seed", "-1"], "--seed: -1 is outside"),
+    (["--seed", "abc"], "--seed: 'abc' is not an integer"),
+    (["--num-samples", "0"], "--num-samples: 0 is outside"),
+    (["--steps", "0"], "--steps: 0 is outside"),
+    (["--extent-margin", "-3"], "--roi-margin: -3 is outside"),
+])
+def test_bad_numbers_are_one_line(args, expect, bundle, case, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["translate", "--model", str(bundle), "--input", str(case / "ct.nii.gz"),
+                  "--output", str(tmp_path / "o.nii.gz"), *args])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and expect in err and len(err.strip().splitlines()) == 1, err

@@ -231,7 +231,7 @@ def _bad_inputs(tmp_path):
     (tmp_path / "not_dicom_folder" / "readme.txt").write_text("hello")
     return {
         "missing.nii.gz": "not found",
-        "corrupt.nii.gz": "cannot read",
+        "corrupt.nii.gz": "gzip stream is truncated or corrupt",
         "corrupt.nrrd": "cannot read",
         "corrupt.dcm": "cannot read",
         "empty_bytes.mha": "empty",
@@ -352,3 +352,270 @@ def test_read_mask_without_overlap_raises(tmp_path):
     far = Volume(np.zeros((4, 4, 4)), origin=(500, 0, 0))
     with pytest.raises(ValueError, match="m.nrrd.*overlap"):
         read_mask(path, like=far)
+
+
+# ---------------------------------------------------------------------------------------------
+# what ITK reads silently wrong: refused in one line naming the file (issue 13, classes 2-4)
+# ---------------------------------------------------------------------------------------------
+def _nifti(tmp_path, name="ok.nii", shape=(6, 8, 10), spacing=(1.5, 1.25, 3.0)):
+    image = sitk.GetImageFromArray(np.arange(np.prod(shape), dtype=np.float32).reshape(shape) % 97)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(tmp_path / name))
+    return tmp_path / name
+
+
+def _patched(path, out, **fields):
+    """A copy of NIfTI-1 ``path`` with header fields replaced ({name: (offset, format, values)})."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    for offset, fmt, values in fields.values():
+        struct.pack_into("<" + fmt, data, offset, *values)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_truncated_and_inconsistent_files_are_refused(tmp_path):
+    import gzip
+    import struct
+
+    ok = _nifti(tmp_path)
+    data = ok.read_bytes()
+    offset = int(struct.unpack("<f", data[108:112])[0])
+    (tmp_path / "header_only.nii").write_bytes(data[:offset])
+    (tmp_path / "cut_on_voxel.nii").write_bytes(data[: offset + 4 * 100])
+    (tmp_path / "cut_mid_voxel.nii").write_bytes(data[: offset + 4 * 100 + 2])
+    _patched(ok, tmp_path / "offset_past_end.nii", vox=(108, "f", (1e6,)))
+    gz = gzip.compress(data)
+    (tmp_path / "truncated.nii.gz").write_bytes(gz[: len(gz) // 2])
+    (tmp_path / "short_stream.nii.gz").write_bytes(gzip.compress(data[: offset + 40]))
+    image = sitk.GetImageFromArray(np.ones((6, 8, 10), np.float32))
+    for name in ("raw.mha", "raw.nrrd"):
+        sitk.WriteImage(image, str(tmp_path / name), useCompression=False)
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(whole[:-100])
+    expected = {"header_only.nii": "truncated", "cut_on_voxel.nii": "truncated", "cut_mid_voxel.nii": "truncated",
+                "offset_past_end.nii": "truncated", "truncated.nii.gz": "gzip stream is truncated",
+                "short_stream.nii.gz": "truncated", "cut_raw.mha": "truncated", "cut_raw.nrrd": "cannot read"}
+    for name, problem in expected.items():
+        with pytest.raises(ValueError, match=problem) as info:
+            read_volume(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(str(tmp_path / name)) and "\n" not in message, message
+    assert read_volume(ok).shape == (6, 8, 10)  # the intact file still reads
+
+
+def test_geometry_is_never_changed_silently(tmp_path):
+    ok = _nifti(tmp_path)
+    cases = {
+        "zero_spacing.nii": _patched(ok, tmp_path / "zero_spacing.nii", pixdim=(80, "3f", (0.0, 1.25, 3.0))),
+        "nan_spacing.nii": _patched(ok, tmp_path / "nan_spacing.nii", pixdim=(80, "3f", (1.5, float("nan"), 3.0))),
+        "negative_spacing.nii": _patched(ok, tmp_path / "negative_spacing.nii", pixdim=(88, "f", (-3.0,))),
+        "sheared.nii": _patched(ok, tmp_path / "sheared.nii", code=(254, "h", (2,)),
+                                srow=(280, "12f", (1.5, 0.4, 0, 0, 0, 1.25, 0, 0, 0, 0, 3.0, 0))),
+        "scaled.nii": _patched(ok, tmp_path / "scaled.nii", code=(254, "h", (2,)),
+                               srow=(280, "12f", (3.0, 0, 0, 0, 0, 1.25, 0, 0, 0, 0, 3.0, 0))),
+    }
+    (tmp_path / "sheared.mha").write_text(
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        "TransformMatrix = 1 0 0 0.5 1 0 0 0 1\nOffset = 0 0 0\nElementSpacing = 1 1 1\nDimSize = 4 4 4\n"
+        "ElementType = MET_FLOAT\nElementDataFile = sheared.raw\n")
+    (tmp_path / "sheared.raw").write_bytes(np.zeros(64, np.float32).tobytes())
+    cases["sheared.mha"] = tmp_path / "sheared.mha"
+    big = sitk.GetImageFromArray(np.zeros((3, 4, 5), np.float32))
+    big.SetSpacing((1.0, 1.0, 1e12))
+    sitk.WriteImage(big, str(tmp_path / "absurd_spacing.nrrd"))
+    cases["absurd_spacing.nrrd"] = tmp_path / "absurd_spacing.nrrd"
+    problems = {"zero_spacing.nii": "pixdim.1. = 0.0", "nan_spacing.nii": "pixdim.2. = nan",
+                "negative_spacing.nii": "pixdim.3. = -3.0", "sheared.nii": "not orthonormal",
+                "scaled.nii": "disagree with the pixel spacing", "sheared.mha": "not orthonormal",
+                "absurd_spacing.nrrd": "outside"}
+    for name, path in cases.items():
+        with pytest.raises(ValueError, match=problems[name]) as info:
+            read_volume(path)
+        assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="not orthonormal"):
+        Volume(np.zeros((2, 2, 2)), direction=(1, 0.2, 0, 0, 1, 0, 0, 0, 1))
+
+
+def _series(tmp_path, name, positions, orientations=None):
+    folder = tmp_path / name
+    folder.mkdir()
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for k, z in enumerate(positions):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        ds.ImagePositionPatient = [src.ImagePositionPatient[0], src.ImagePositionPatient[1], z]
+        if orientations and k in orientations:
+            ds.ImageOrientationPatient = orientations[k]
+        ds.InstanceNumber = k + 1
+        ds.SOPInstanceUID = f"{src.SOPInstanceUID}.{k + 1}"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"{k:03d}.dcm")
+    return folder
+
+
+def test_dicom_series_that_itk_would_stack_wrongly_are_refused(tmp_path):
+    tilted = [1, 0, 0, 0, 0.9848078, 0.1736482]  # 10 degrees about x
+    cases = {
+        "missing": (_series(tmp_path, "missing", [0, 5, 10, 20, 25]), "1 missing slice"),
+        "uneven": (_series(tmp_path, "uneven", [0, 5, 10, 13, 20]), "non-uniform spacing"),
+        "duplicated": (_series(tmp_path, "duplicated", [0, 5, 5, 10]), "share the position"),
+        "tilted": (_series(tmp_path, "tilted", [0, 5, 10, 15], {2: tilted}), "another orientation"),
+    }
+    for name, (folder, problem) in cases.items():
+        with pytest.raises(ValueError, match=problem) as info:
+            read_volume(folder)
+        assert str(info.value).startswith(str(folder)) and "\n" not in str(info.value), name
+    assert read_volume(_series(tmp_path, "even", [0, 5, 10, 15])).spacing[2] == pytest.approx(5.0)
+
+
+def test_headers_that_cannot_fit_in_memory_are_refused_before_reading(tmp_path, monkeypatch):
+    import gzip
+    import struct
+
+    ok = _nifti(tmp_path)
+    bomb = bytearray(ok.read_bytes()[:352])
+    struct.pack_into("<8h", bomb, 40, 3, 2048, 2048, 2048, 1, 1, 1, 1)  # 32 GiB of float32, in a small gzip
+    (tmp_path / "bomb.nii.gz").write_bytes(gzip.compress(bytes(bomb) + bytes(1 << 20)))
+    (tmp_path / "huge.nhdr").write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 4096 4096 4096\n"
+                                        "encoding: raw\nendian: little\ndata file: huge.raw\n\n")
+    (tmp_path / "huge.raw").write_bytes(bytes(64))
+    from MedTranslateLib import runtime
+
+    monkeypatch.setattr(runtime, "available_memory", lambda: 8 * 2**30)
+    for name in ("bomb.nii.gz", "huge.nhdr"):
+        with pytest.raises(ValueError, match="GiB of memory is available") as info:
+            read_volume(tmp_path / name)
+        assert str(info.value).startswith(str(tmp_path / name))
+
+
+def test_library_messages_never_reach_stderr(tmp_path, capfd):
+    ok = _nifti(tmp_path)
+    _patched(ok, tmp_path / "zero.nii", pixdim=(80, "3f", (0.0, 1.0, 1.0)))
+    image = sitk.GetImageFromArray(np.ones((4, 4, 4), np.float32))
+    sitk.WriteImage(image, str(tmp_path / "raw.mha"), useCompression=False)
+    (tmp_path / "cut.mha").write_bytes((tmp_path / "raw.mha").read_bytes()[:-50])
+    (tmp_path / "empty_dir").mkdir()
+    for name in ("zero.nii", "cut.mha", "empty_dir"):
+        with pytest.raises(ValueError):
+            read_volume(tmp_path / name)
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: never an input, all or nothing, no temporaries left (issue 13, classes 1 and 7)
+# ---------------------------------------------------------------------------------------------
+def test_files_read_and_written_cover_header_data_files(tmp_path, oblique_volume):
+    header = write_volume(oblique_volume, tmp_path / "in.mhd")
+    assert mio.files_read(header) == {header.resolve(), (tmp_path / "in.zraw").resolve()}
+    assert mio.files_written(tmp_path / "in.mhd") == {header.resolve(), (tmp_path / "in.zraw").resolve()}
+    nhdr = write_volume(oblique_volume, tmp_path / "b.nhdr")
+    assert (tmp_path / "b.raw.gz").resolve() in mio.files_read(nhdr)
+    series = write_volume(oblique_volume, tmp_path / "series")
+    inputs = mio.files_read(series)
+    assert series.resolve() in inputs and len(inputs) == 1 + oblique_volume.shape[0]
+    clashes = {"the series folder": tmp_path / "series", "a file in it": tmp_path / "series" / "x.nii.gz",
+               "one of its slices": next(series.iterdir()), "the data file": tmp_path / "in.mhd",
+               "a header sharing the data file": tmp_path / "in.nii"}
+    inputs |= mio.files_read(header)
+    for what, out in clashes.items():
+        if what == "a header sharing the data file":
+            continue  # in.nii writes in.nii only
+        with pytest.raises(ValueError, match="would overwrite or change the input"):
+            mio.check_outputs_spare_inputs({what: out}, inputs)
+    mio.check_outputs_spare_inputs({"--output": tmp_path / "in.nii", "--difference": tmp_path / "d.mhd"}, inputs)
+
+
+def test_output_set_is_all_or_nothing(tmp_path, oblique_volume, monkeypatch):
+    first = tmp_path / "syn.nii.gz"
+    second = tmp_path / "diff.mhd"
+    write_volume(oblique_volume, first)
+    write_volume(oblique_volume, second)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    changed = oblique_volume.with_array(oblique_volume.array + 7)
+
+    # a failing second write: the first (already staged) is not committed, nothing changes
+    real = mio.sitk.WriteImage
+    calls = {"n": 0}
+
+    def second_fails(image, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full")
+        return real(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(mio.sitk, "WriteImage", second_fails)
+    with pytest.raises(ValueError, match="disk full"), mio.OutputSet() as outputs:
+        outputs.add_volume(changed, first)
+        outputs.add_volume(changed, second)
+        outputs.commit()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.setattr(mio.sitk, "WriteImage", real)
+
+    # a move that fails half-way through the commit: every previous output comes back
+    real_replace = os.replace
+    moves = {"n": 0}
+
+    def third_move_fails(src, dst):
+        moves["n"] += 1
+        if moves["n"] == 5:
+            raise OSError("no space left")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(mio.os, "replace", third_move_fails)
+    with pytest.raises(OSError), mio.OutputSet() as outputs:
+        outputs.add_volume(changed, first)
+        outputs.add_volume(changed, second)
+        outputs.commit()
+    monkeypatch.setattr(mio.os, "replace", real_replace)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_temporaries_of_a_killed_run_are_cleaned_and_its_output_restored(tmp_path, oblique_volume):
+    import subprocess
+    import sys
+
+    target = write_volume(oblique_volume, tmp_path / "syn.nrrd")
+    before = target.read_bytes()
+    # a run killed (SIGKILL) in the middle of its commit: its previous output moved aside
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / f".syn.nrrd.medtranslate-{dead.stdout.strip()}-abc.tmp"
+    stale.mkdir()
+    os.replace(target, stale / ".old-syn.nrrd")
+    (stale / "syn.nrrd").write_bytes(b"partial")
+    write_volume(oblique_volume, tmp_path / "other.nrrd")  # the next run in that folder
+    assert sorted(os.listdir(tmp_path)) == ["other.nrrd", "syn.nrrd"]
+    assert target.read_bytes() == before
+    # a live process's temporaries are left alone
+    mine = tmp_path / f".x.medtranslate-{os.getpid()}-abc.tmp"
+    mine.mkdir()
+    write_volume(oblique_volume, tmp_path / "third.nrrd")
+    assert mine.is_dir()
+
+
+def test_sigterm_during_a_write_leaves_no_temporary(tmp_path):
+    """The CLI turns SIGTERM into an exception: the write's ``finally`` removes its staging."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys, time, numpy as np\n"
+            "from MedTranslateLib import cli, io\n"
+            "real = io._write_dicom_series\n"
+            "def slow(*a, **k):\n"
+            "    print('writing', flush=True); time.sleep(30)\n"
+            "io._write_dicom_series = slow\n"
+            "cli.build_parser = lambda prog: type('P', (), {'parse_args': lambda self, argv: type('A', (), {'func': "
+            "staticmethod(lambda a: io.write_volume(io.Volume(np.zeros((2, 3, 4))), sys.argv[1]))})()})()\n"
+            "sys.exit(cli.main([]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "series")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143 and err.strip() == "medtranslate: terminated; nothing was written"
+    assert os.listdir(tmp_path) == []
