@@ -220,6 +220,10 @@ _DEFAULT_CACHE = ModelCache()
 # ---------------------------------------------------------------------------------------------
 # a translation
 # ---------------------------------------------------------------------------------------------
+#: Seeds are 63-bit: the engine derives every slice's generator from (seed, slice index).
+MAX_SEED = 2**63 - 1
+
+
 @dataclass
 class TranslationOptions:
     """What to run: model (name or bundle path), device ("auto" | "cpu" | "cuda:N"), sampling
@@ -237,6 +241,17 @@ class TranslationOptions:
     batch_size: int | str = "auto"
     precision: str = "auto"
     shared_noise: bool = False
+
+    def __post_init__(self) -> None:
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.seed is not None and not (whole(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise UserError(f"seed must be an integer in 0..{MAX_SEED} (or none for a random one), got {self.seed!r}")
+        if not (whole(self.num_samples) and 1 <= self.num_samples <= 1024):
+            raise UserError(f"the number of samples must be an integer in 1..1024, got {self.num_samples!r}")
+        if self.steps is not None and not (whole(self.steps) and self.steps >= 1):
+            raise UserError(f"sampling steps must be a positive integer, got {self.steps!r}")
 
     @property
     def roi_only(self) -> bool:

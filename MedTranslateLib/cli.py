@@ -11,12 +11,11 @@ import os
 import sys
 from pathlib import Path
 
+from .app import MAX_SEED
 from .app import UserError as CLIError
 from .runtime import first_line
 
 PROG = "medtranslate"
-#: Seeds are 63-bit (the engine derives every slice's generator from them).
-MAX_SEED = 2**63 - 1
 
 
 class _Parser(argparse.ArgumentParser):

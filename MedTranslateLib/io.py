@@ -877,7 +877,8 @@ class OutputSet:
             staged.mkdir()
             self._staged.append((tmp, staged, path, True))
             try:
-                _write_dicom_series(volume, staged, modality)
+                with _native_output():
+                    _write_dicom_series(volume, staged, modality)
             except RuntimeError as exc:
                 raise ValueError(f"{path}: cannot write DICOM series: {_sitk_error(exc)}") from exc
             return

@@ -273,3 +273,13 @@ def test_phantom_case_is_a_case_with_rois_body_and_reference():
     assert app.phantom_case(ph, "t1").reference is None
     with pytest.raises(KeyError, match="no 'pet' image"):
         app.phantom_case(ph, "pet")
+
+
+@pytest.mark.parametrize("field, value", [("seed", 2**63), ("seed", -1), ("seed", 1.5), ("seed", True),
+                                          ("num_samples", 0), ("num_samples", 2.0), ("steps", 0)])
+def test_translation_options_refuse_what_the_engine_cannot_take(field, value):
+    """Every front end (CLI, Slicer, web) gets one line, not a traceback from torch.manual_seed."""
+    with pytest.raises(app.UserError) as info:
+        app.TranslationOptions(model="m", **{field: value})
+    assert "\n" not in str(info.value)
+    assert app.TranslationOptions(model="m", seed=app.MAX_SEED).seed == 2**63 - 1
