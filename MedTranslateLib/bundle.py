@@ -14,18 +14,29 @@ optimiser state). ``medtranslate.yaml``::
     training: {...}              # free-form: data, cases, steps, command, config
     metrics: {...}               # free-form evaluation table
 
-Nothing is ever unpickled: weights are read with safetensors, metadata with ``yaml.safe_load``.
+Nothing is ever unpickled: weights are read with safetensors, metadata with ``config.parse_yaml``
+(safe loading: tags stay inert; no aliases; bounded nesting).
 A .zip may hold the two files at its root or inside one top folder; it is read in memory, never
 extracted, and refused outright if any member has an absolute path or a '..' component.
-Every problem raises ``BundleError``: one line that names the file and what is wrong.
+What is read is capped from the declared sizes, before reading: ``MAX_META_BYTES`` of metadata,
+``MAX_WEIGHTS_BYTES`` of weights, a safetensors header of ``MAX_HEADER_BYTES`` whose tensors lie
+within the file, zip members that inflate at most ``MAX_INFLATION`` times (the reasons are
+given where they are defined).
+Every problem raises ``BundleError``: one line that names the file and what is wrong, including
+a damaged zip (bad CRC, bad deflate data, truncated) and a file that cannot be read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import stat
+import struct
 import tempfile
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -45,7 +56,8 @@ if TYPE_CHECKING:  # torch, safetensors and the methods are imported by the func
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "META_NAME", "BundleError", "BundleMeta", "ModalitySpec",
            "SliceSpec", "Bundle", "save_bundle", "load_bundle", "read_bundle_meta", "read_bundle_files",
-           "is_bundle", "meta_summary", "meta_capabilities", "meta_rois", "side_preset", "represent_warnings"]
+           "is_bundle", "meta_summary", "meta_capabilities", "meta_rois", "side_preset", "represent_warnings",
+           "MAX_META_BYTES", "MAX_WEIGHTS_BYTES", "MAX_HEADER_BYTES", "MAX_INFLATION"]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
@@ -186,6 +198,31 @@ def _check_replaceable(path: Path) -> None:
 # reading
 # --------------------------------------------------------------------------------------------
 
+#: Largest ``medtranslate.yaml``. Real ones are a few KiB (the demo bundles: ~5 KiB, a per-case
+#: metrics table adds a few hundred bytes per case); YAML is parsed in pure Python at a few
+#: hundred KiB per second, so 1 MiB is read in seconds, 16 MiB would take a minute per model list.
+MAX_META_BYTES = 1 << 20
+#: Largest ``model.safetensors``: 2 billion float32 parameters, far beyond the translation
+#: networks of the papers implemented here (tens to hundreds of millions), while a zip bundle is
+#: read into memory whole and a laptop running Slicer has 8-16 GiB.
+MAX_WEIGHTS_BYTES = 8 << 30
+#: Largest safetensors header (the JSON table of tensor names, dtypes, shapes and offsets, about
+#: 100 bytes per tensor; safetensors itself stops at 100 MB).
+MAX_HEADER_BYTES = 16 << 20
+#: Most a compressed zip member may inflate (uncompressed / compressed size) once it is over
+#: ``_INFLATION_FLOOR``: trained float weights hardly compress (deflate gains ~10%), while a zip
+#: bomb inflates about 1000 times.
+MAX_INFLATION = 100
+_INFLATION_FLOOR = 16 << 20
+
+#: What a damaged or unusual zip raises while it is opened or a member is read: bad CRC, bad
+#: deflate data (zlib.error), a truncated archive (EOFError), an encrypted member (RuntimeError),
+#: an unknown compression method (NotImplementedError), a bad header (struct.error, ValueError).
+_ZIP_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError, NotImplementedError, struct.error,
+    *((zipfile.lzma.LZMAError,) if getattr(zipfile, "lzma", None) else ()))
+
+
 @dataclass
 class _Files:
     """Where a bundle's two files are: names for messages, and either paths or bytes."""
@@ -198,6 +235,96 @@ class _Files:
     top_folder: str = ""
 
 
+def _detail(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split())[:160] or type(exc).__name__
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _too_large(name: str, size: int, limit: int) -> BundleError:
+    return BundleError(f"{name}: too large ({_size(size)}, the limit is {_size(limit)}); not reading it")
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """``os.stat`` of ``path`` (links followed); None when it does not exist."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # permission denied, a link loop, a NUL in the path, ...
+        raise BundleError(f"{path}: cannot read ({_detail(exc)})") from None
+
+
+def _regular_file(path: Path, missing: str, limit: int) -> int:
+    """Size of the regular file ``path``; BundleError when it is missing, not a file or too large."""
+    st = _stat(path)
+    if st is None:
+        raise BundleError(missing)
+    if not stat.S_ISREG(st.st_mode):  # a folder, a FIFO or a device such as /dev/zero
+        raise BundleError(f"{path}: not a regular file")
+    if st.st_size > limit:
+        raise _too_large(str(path), st.st_size, limit)
+    return st.st_size
+
+
+def _read_file(path: Path, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read ({_detail(exc)})") from None
+    if len(data) > limit:  # it grew since it was measured
+        raise _too_large(str(path), len(data), limit)
+    return data
+
+
+def _check_weights_head(read: Callable[[int], bytes], size: int, name: str) -> bytes:
+    """Read and check the head of a safetensors file of ``size`` bytes through ``read``, before
+    the tensors are: the 8-byte header length, the JSON header, and that the tensors' offsets lie
+    within the file. Returns the bytes read. (dtype x shape against the offsets is checked by
+    safetensors when it loads the file.)"""
+    head = read(8)
+    if len(head) < 8:
+        raise BundleError(f"{name}: not a valid safetensors file ({size} bytes, less than a header)")
+    length = int.from_bytes(head, "little")
+    if length > size - 8:
+        raise BundleError(f"{name}: not a valid safetensors file (its header claims {_size(length)}, "
+                          f"the file has {_size(size)})")
+    if length > MAX_HEADER_BYTES:
+        raise BundleError(f"{name}: not a valid safetensors file (its header claims {_size(length)}, "
+                          f"more than the {_size(MAX_HEADER_BYTES)} limit)")
+    header = read(length)
+    try:
+        table = json.loads(header)
+    except (ValueError, RecursionError):
+        raise BundleError(f"{name}: not a valid safetensors file (its header is not JSON)") from None
+    if not isinstance(table, dict):
+        raise BundleError(f"{name}: not a valid safetensors file (its header is not a JSON object)")
+    data = size - 8 - length
+    end = 0
+    for key, entry in table.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise BundleError(f"{name}: not a valid safetensors file (tensor {key[:80]!r} has no valid "
+                              f"data_offsets)")
+        end = max(end, offsets[1])
+    if end > data:
+        raise BundleError(f"{name}: not a valid safetensors file (its header claims {_size(end)} of tensors, "
+                          f"the file holds {_size(data)})")
+    return head + header
+
+
 def _unsafe_member(name: str) -> bool:
     if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return True
@@ -205,19 +332,36 @@ def _unsafe_member(name: str) -> bool:
     return ".." in parts
 
 
-def _read_zip(path: Path, *, with_weights: bool) -> _Files:
+def _check_member(path: Path, archive_size: int, info: zipfile.ZipInfo, limit: int) -> None:
+    """Refuse a zip member from its declared sizes, before reading it (zipfile never returns more
+    than the declared uncompressed size, so checking that one bounds what is read)."""
+    name = f"{path}:{info.filename}"
+    if info.flag_bits & 0x1:
+        raise BundleError(f"{name}: encrypted; bundles must be plain zips")
+    if info.compress_size > archive_size or (info.compress_type == zipfile.ZIP_STORED
+                                             and info.file_size != info.compress_size):
+        raise BundleError(f"{path}: damaged zip ({info.filename} claims {info.compress_size} bytes compressed, "
+                          f"{info.file_size} uncompressed, in an archive of {archive_size})")
+    if info.file_size > limit:
+        raise _too_large(name, info.file_size, limit)
+    if info.file_size > max(MAX_INFLATION * info.compress_size, _INFLATION_FLOOR):
+        raise BundleError(f"{name}: would inflate {info.file_size // max(info.compress_size, 1)} times "
+                          f"({_size(info.compress_size)} to {_size(info.file_size)}); not a bundle (a zip bomb?)")
+
+
+def _read_zip(path: Path, archive_size: int, *, with_weights: bool) -> _Files:
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
         raise BundleError(f"{path}: not a zip file (a bundle is a folder or a .zip of one)") from None
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except _ZIP_ERRORS as exc:
+        raise BundleError(f"{path}: cannot read ({_detail(exc)})") from None
     with zf:
-        names = zf.namelist()
-        for name in names:
+        infos = {info.filename: info for info in zf.infolist()}
+        for name in infos:
             if _unsafe_member(name):
                 raise BundleError(f"{path}: unsafe member path {name!r} in zip (absolute or '..'); refusing it")
-        metas = [n for n in names if n == META_NAME
+        metas = [n for n in infos if n == META_NAME
                  or (n.count("/") == 1 and n.endswith("/" + META_NAME) and not n.startswith("__MACOSX/"))]
         if not metas:
             raise BundleError(f"{path}: not a bundle: no {META_NAME} at the zip's root or in one top folder")
@@ -225,38 +369,46 @@ def _read_zip(path: Path, *, with_weights: bool) -> _Files:
             raise BundleError(f"{path}: holds several bundles ({', '.join(metas)}); put one bundle per zip")
         top = metas[0][: -len(META_NAME)]
         weights_member = top + WEIGHTS_NAME
-        if weights_member not in names:
+        if weights_member not in infos:
             raise BundleError(f"{path}: not a bundle: {weights_member} is missing from the zip")
+        meta_info, weights_info = infos[metas[0]], infos[weights_member]
+        _check_member(path, archive_size, meta_info, MAX_META_BYTES)
+        _check_member(path, archive_size, weights_info, MAX_WEIGHTS_BYTES)
+        weights = None
         try:
-            meta_bytes = zf.read(metas[0])
-            weights = zf.read(weights_member) if with_weights else None
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise BundleError(f"{path}: damaged zip ({exc})") from None
+            meta_bytes = zf.read(meta_info)
+            if with_weights:
+                with zf.open(weights_info) as fh:
+                    head = _check_weights_head(fh.read, weights_info.file_size, f"{path}:{weights_member}")
+                    weights = head + fh.read()
+        except BundleError:
+            raise
+        except _ZIP_ERRORS as exc:
+            raise BundleError(f"{path}: damaged zip ({_detail(exc)})") from None
     return _Files(meta_name=f"{path}:{metas[0]}", weights_name=f"{path}:{weights_member}",
                   meta_bytes=meta_bytes, weights_bytes=weights, top_folder=top.rstrip("/"))
 
 
 def _locate(path: str | Path, *, with_weights: bool = True) -> _Files:
+    """The bundle's files; refuses, from their sizes and before reading them, a metadata file over
+    ``MAX_META_BYTES`` and weights over ``MAX_WEIGHTS_BYTES`` (see ``_check_member`` for zips)."""
     path = Path(path)
-    if not path.exists():
+    st = _stat(path)
+    if st is None and path.is_symlink():
+        raise BundleError(f"{path}: a link to {os.readlink(path)}, which does not exist")
+    if st is None:
         raise BundleError(f"{path}: no such bundle (expected a folder or .zip with {META_NAME} and {WEIGHTS_NAME})")
-    if path.is_dir():
+    if stat.S_ISDIR(st.st_mode):
         meta_path, weights_path = path / META_NAME, path / WEIGHTS_NAME
-        if not meta_path.is_file():
-            raise BundleError(f"{path}: not a bundle: {META_NAME} is missing")
-        if not weights_path.is_file():
-            raise BundleError(f"{path}: not a bundle: {WEIGHTS_NAME} is missing")
-        try:
-            meta_bytes = meta_path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"{meta_path}: cannot read ({exc.strerror or exc})") from None
-        return _Files(meta_name=str(meta_path), weights_name=str(weights_path), meta_bytes=meta_bytes,
-                      weights_path=weights_path)
-    if path.is_file() and (path.name == META_NAME or path.name == WEIGHTS_NAME):
+        _regular_file(meta_path, f"{path}: not a bundle: {META_NAME} is missing", MAX_META_BYTES)
+        _regular_file(weights_path, f"{path}: not a bundle: {WEIGHTS_NAME} is missing", MAX_WEIGHTS_BYTES)
+        return _Files(meta_name=str(meta_path), weights_name=str(weights_path),
+                      meta_bytes=_read_file(meta_path, MAX_META_BYTES), weights_path=weights_path)
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{path}: not a bundle (neither a folder nor a .zip file)")
+    if path.name in (META_NAME, WEIGHTS_NAME):
         return _locate(path.parent, with_weights=with_weights)
-    if path.is_file():
-        return _read_zip(path, with_weights=with_weights)
-    raise BundleError(f"{path}: not a bundle (neither a folder nor a .zip file)")
+    return _read_zip(path, st.st_size, with_weights=with_weights)
 
 
 def _parse_meta(files: _Files) -> BundleMeta:
@@ -265,8 +417,8 @@ def _parse_meta(files: _Files) -> BundleMeta:
         text = files.meta_bytes.decode("utf-8")
     except UnicodeDecodeError:
         raise BundleError(f"{where}: not UTF-8 text") from None
-    try:
-        data = parse_yaml(text, where=where)
+    try:  # no aliases: save_bundle never writes any, and they are how "billion laughs" files blow up
+        data = parse_yaml(text, where=where, aliases=False)
     except ValueError as exc:
         raise BundleError(str(exc)) from None
     version = data.get("format_version", None)
@@ -283,6 +435,9 @@ def _parse_meta(files: _Files) -> BundleMeta:
         raise BundleError(str(exc)) from None
     if not meta.method:
         raise BundleError(f"{where}: missing method")
+    config = meta.training.get("config")  # free-form, but meta_rois reads its data.masks
+    if config is not None and not isinstance(config, dict):
+        raise BundleError(f"'training.config' in {where}: expected a mapping, got {type(config).__name__}")
     return meta
 
 
@@ -296,10 +451,7 @@ def read_bundle_files(path: str | Path) -> tuple[bytes, bytes]:
     files = _locate(path, with_weights=True)
     if files.weights_bytes is None:
         assert files.weights_path is not None
-        try:
-            files.weights_bytes = files.weights_path.read_bytes()
-        except OSError as exc:
-            raise BundleError(f"{files.weights_name}: cannot read ({exc.strerror or exc})") from None
+        files.weights_bytes = _read_file(files.weights_path, MAX_WEIGHTS_BYTES)
     return files.meta_bytes, files.weights_bytes
 
 
@@ -317,6 +469,13 @@ def _load_tensors(files: _Files) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as st_load
     from safetensors.torch import load_file as st_load_file
 
+    if files.weights_bytes is None:  # a folder: check the header before safetensors maps the file
+        assert files.weights_path is not None
+        try:
+            with open(files.weights_path, "rb") as fh:
+                _check_weights_head(fh.read, os.fstat(fh.fileno()).st_size, files.weights_name)
+        except OSError as exc:
+            raise BundleError(f"{files.weights_name}: cannot read ({_detail(exc)})") from None
     try:
         if files.weights_bytes is not None:
             return st_load(files.weights_bytes)
@@ -421,8 +580,8 @@ def side_preset(meta: BundleMeta, side: str) -> IntensityPreset:
         raise BundleError(f"{side}.preset is missing in {META_NAME}")
     try:
         return preset_from_config(spec)
-    except ValueError as exc:
-        raise BundleError(f"{side}.preset in {META_NAME}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise BundleError(f"{side}.preset in {META_NAME}: {_detail(exc)}") from None
 
 
 def represent_warnings(meta: BundleMeta) -> list[str]:

@@ -518,7 +518,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     q = msub.add_parser("import", help="check a bundle (folder or .zip) and copy it into the model folder")
     q.add_argument("path", type=Path)
     q.add_argument("--name", default=None, help="name in the model folder (default: folder name / zip stem)")
-    q.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing model of that name, or shadow a bundled one")
     p.set_defaults(func=_cmd_models)
     return parser
 

@@ -12,6 +12,14 @@ Supported field types: bool, int, float (ints and numeric strings such as "1e-4"
 since YAML 1.1 reads ``1e-4`` as a string), str, pathlib.Path, Any, Literal[...], Optional / X | None,
 unions (first matching member wins), list[X], tuple[X, ...], tuple[X, Y], dict[str, X],
 and nested dataclasses.
+
+YAML is read with ``yaml.SafeLoader`` (tags stay inert: only plain YAML types are built, never
+Python objects), guarded while the document is composed, before anything is built: a document
+may not expand to more than ``MAX_YAML_NODES`` nodes (an alias counts as the whole subtree it
+repeats, so "billion laughs" anchors are refused in a few milliseconds instead of hanging whoever
+walks the result), may not nest deeper than ``MAX_YAML_DEPTH`` levels, nor hold a recursive alias;
+``parse_yaml(..., aliases=False)`` refuses aliases altogether (bundle metadata: ``save_bundle``
+never writes any).
 """
 
 from __future__ import annotations
@@ -30,11 +38,20 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["load_yaml", "from_dict", "to_dict", "apply_overrides", "dump_yaml"]
+__all__ = ["load_yaml", "parse_yaml", "safe_load", "from_dict", "to_dict", "apply_overrides", "dump_yaml", "MAX_YAML_NODES",
+           "MAX_YAML_DEPTH"]
+
+#: Most nodes a YAML document may expand to, aliases expanded (an alias counts as every node of
+#: what it repeats). Real configs and bundle metadata have a few hundred to a few thousand; a
+#: million is still walked in about a second, while nine levels of ten aliases make 10**9.
+MAX_YAML_NODES = 1_000_000
+#: Deepest nesting of YAML collections: configs nest a few levels; the YAML composer and
+#: ``to_dict`` recurse once per level, so a deeper document would end in a RecursionError.
+MAX_YAML_DEPTH = 100
 
 
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping with ``yaml.safe_load``. An empty file gives ``{}``.
+    """Read a YAML mapping with ``parse_yaml`` (safe loading, guarded). An empty file gives ``{}``.
 
     Raises ValueError("<file>: <problem>") when the file is missing, unreadable, not valid YAML,
     or its top level is not a mapping.
@@ -51,10 +68,62 @@ def load_yaml(path: str | Path) -> dict:
     return parse_yaml(text, where=str(path))
 
 
-def parse_yaml(text: str, *, where: str = "config") -> dict:
-    """``yaml.safe_load`` of ``text`` that must be a mapping (or empty); errors name ``where``."""
+class _GuardedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts nodes as they are composed, aliases expanded, and refuses
+    (a ``ComposerError`` at the offending node) what the module docstring lists."""
+
+    def __init__(self, stream: str, *, aliases: bool = True) -> None:
+        super().__init__(stream)
+        self._aliases = aliases
+        self._nodes = 0  # nodes composed so far, aliases expanded
+        self._depth = 0
+        self._expanded: dict[str, int] = {}  # anchor -> nodes of its (finished) subtree
+
+    def _refuse(self, problem: str, mark: Any) -> None:
+        raise yaml.composer.ComposerError(None, None, problem, mark)
+
+    def _count(self, nodes: int, mark: Any) -> None:
+        self._nodes += nodes
+        if self._nodes > MAX_YAML_NODES:
+            self._refuse(f"expands to more than {MAX_YAML_NODES} nodes (aliases repeating aliases?)", mark)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            if not self._aliases:
+                self._refuse(f"alias *{event.anchor}: anchors and aliases are not allowed in this file", event.start_mark)
+            if event.anchor in self.anchors and event.anchor not in self._expanded:
+                self._refuse(f"alias *{event.anchor} refers to a node that contains it (recursive)", event.start_mark)
+            self._count(self._expanded.get(event.anchor, 0), event.start_mark)
+            return super().compose_node(parent, index)  # an undefined alias is refused there
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+        before = self._nodes
+        self._count(1, event.start_mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        if event.anchor is not None:
+            self._expanded[event.anchor] = self._nodes - before
+        return node
+
+
+def safe_load(text: str, *, aliases: bool = True) -> Any:
+    """``yaml.safe_load`` with the guards of ``_GuardedLoader`` (raises ``yaml.YAMLError``)."""
+    loader = _GuardedLoader(text, aliases=aliases)
     try:
-        data = yaml.safe_load(text)
+        return loader.get_single_data()
+    except RecursionError:  # a guard should come first; never let the interpreter's limit through
+        raise yaml.YAMLError(f"nested deeper than {MAX_YAML_DEPTH} levels") from None
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, *, where: str = "config", aliases: bool = True) -> dict:
+    """YAML ``text`` (read with ``safe_load``) that must be a mapping (or empty); errors name
+    ``where``. ``aliases=False`` refuses anchors' aliases (``*name``) altogether."""
+    try:
+        data = safe_load(text, aliases=aliases)
     except yaml.YAMLError as exc:
         raise ValueError(f"{where}: invalid YAML ({_one_line_yaml_error(exc)})") from None
     if data is None:
@@ -314,7 +383,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, .
         if not sep or not key or any(not part for part in key.split(".")):
             raise ValueError(f"override '{item}' must look like key.path=value (e.g. train.max_steps=5)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ValueError(f"override '{item}': value is not valid YAML ({_one_line_yaml_error(exc)})") from None
         parts = key.split(".")

@@ -6,7 +6,12 @@
 
 ``import_model`` validates a bundle by loading it (weights and architecture must match) and copies
 its two files into the user folder as ``<name>/``; nothing is copied when validation fails.
-A user model shadows a bundled one of the same name.
+A user model shadows a bundled one of the same name; ``import_model`` takes such a name only with
+``overwrite=True`` (the CLI's ``--force``).
+
+An entry that cannot be read (damaged metadata or zip, no permission, a link loop) is listed
+with ``error`` set to one line saying why; it never stops the other models from being listed
+or found.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,45 +75,100 @@ def bundled_models_dir() -> Path:
 
 
 def _entry_name(path: Path) -> str:
-    return path.stem if path.is_file() and path.suffix.lower() == ".zip" else path.name
+    """The model name of a user-folder entry: a zip's stem, else the file or folder name."""
+    try:
+        is_dir = path.is_dir()
+    except OSError:
+        is_dir = False
+    return path.stem if path.suffix.lower() == ".zip" and not is_dir else path.name
+
+
+def _looks_like_bundle(entry: Path) -> bool:
+    """A .zip file or a folder with metadata (not a README, not a folder of something else); also
+    an entry that cannot be examined (a link loop, a dangling link, no permission), so that it is
+    listed with what ``read_bundle_meta`` says is wrong, as when the model is used."""
+    try:
+        mode = entry.stat().st_mode  # follows links
+    except OSError:
+        return True
+    if stat.S_ISREG(mode):
+        return entry.suffix.lower() == ".zip"
+    if not stat.S_ISDIR(mode):
+        return False
+    try:
+        (entry / META_NAME).stat()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _one_line(str(exc))[:160] or type(exc).__name__
 
 
 def _scan(folder: Path, origin: str) -> list[ModelInfo]:
-    if not folder.is_dir():
-        return []
+    """The entries of ``folder`` that are (or look like) bundles, sorted by file name; a broken
+    one has ``error`` set. A folder that cannot be listed gives one broken entry named by its path."""
+    try:
+        if not folder.is_dir():
+            return []
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        return [ModelInfo(str(folder), folder, origin, error=f"{folder}: cannot list the model folder ({_reason(exc)})")]
     infos = []
-    for entry in sorted(folder.iterdir()):
+    for entry in entries:
         if entry.name.startswith("."):
             continue  # temporary folders of an import in progress, hidden files
-        is_zip = entry.is_file() and entry.suffix.lower() == ".zip"
-        if not (is_zip or (entry.is_dir() and (entry / META_NAME).exists())):
+        if not _looks_like_bundle(entry):
             continue
+        name = _entry_name(entry)
         try:
-            infos.append(ModelInfo(_entry_name(entry), entry, origin, meta=read_bundle_meta(entry)))
+            infos.append(ModelInfo(name, entry, origin, meta=read_bundle_meta(entry)))
         except BundleError as exc:
-            infos.append(ModelInfo(_entry_name(entry), entry, origin, error=str(exc)))
+            infos.append(ModelInfo(name, entry, origin, error=_one_line(str(exc))))
+        except Exception as exc:  # a bug reading one entry must not hide every model
+            infos.append(ModelInfo(name, entry, origin, error=f"{entry}: cannot read ({type(exc).__name__}: "
+                                                               f"{_reason(exc)})"))
     return infos
 
 
 def list_models() -> list[ModelInfo]:
-    """User models, then bundled models not shadowed by a user model of the same name."""
+    """User models, then bundled models not shadowed by a user model of the same name. Never
+    raises for a broken entry: it is listed with ``error`` set."""
     user = _scan(models_dir(), "user")
     names = {m.name for m in user}
     return user + [m for m in _scan(bundled_models_dir(), "bundled") if m.name not in names]
 
 
 def find_model(name_or_path: str | Path) -> Path:
-    """Path of a model given by name (user folder first, then bundled) or by path."""
+    """Path of a model given by name (user folder first, then bundled) or by path. A broken
+    model's path is returned too (loading it says what is wrong); other broken entries do not
+    matter."""
     text = str(name_or_path)
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    for info in list_models():
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~user" without such a user
+        path = Path(text)
+    try:
+        if path.exists():
+            return path
+    except OSError:
+        pass  # cannot be examined (e.g. no permission on the way): try it as a name
+    models = list_models()
+    for info in models:
         if info.name == text:
             return info.path
     if os.sep in text or "/" in text or text.endswith(".zip"):
         raise BundleError(f"{text}: no such bundle")
-    known = ", ".join(m.name for m in list_models()) or "none"
+    known = ", ".join(m.name for m in models) or "none"
     raise BundleError(f"no model named {text!r} (known models: {known}); give a bundle path or "
                       f"add it with: medtranslate models import PATH")
 
@@ -123,7 +184,9 @@ def import_model(path: str | Path, name: str | None = None, *, overwrite: bool =
     """Validate the bundle at ``path`` by loading it, then copy it to ``models_dir()/<name>/``.
 
     ``name`` defaults to the bundle's folder name or zip stem. Raises BundleError (one line) when
-    the bundle is broken, the name is invalid or taken (unless ``overwrite``); copies nothing then.
+    the bundle is broken, the name is invalid, or taken: by a user model, or by a bundled model
+    that the new one would shadow. ``overwrite=True`` (the CLI's ``--force``) replaces the user
+    model / shadows the bundled one. Copies nothing when it raises.
     """
     path = Path(path).expanduser()
     bundle = load_bundle(path)  # full check: metadata, method, architecture, tensors
@@ -131,6 +194,11 @@ def import_model(path: str | Path, name: str | None = None, *, overwrite: bool =
     if not _NAME_RE.match(name):
         raise BundleError(f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' "
                           f"(and start with a letter or digit)")
+    if not overwrite:
+        bundled = {m.name: m.path for m in _scan(bundled_models_dir(), "bundled")}
+        if name in bundled:
+            raise BundleError(f"{name!r} is the name of a bundled model ({bundled[name]}) that a user model "
+                              f"of that name would shadow; choose another --name, or --force to shadow it")
     meta_bytes, weights = read_bundle_files(path)
     dest_root = models_dir()
     dest = dest_root / name

@@ -43,7 +43,8 @@ def roi_names_from_training(training: Mapping[str, Any] | None) -> tuple[str, ..
     (``training.config.data.masks``, or ``training.data.masks``); ``DEFAULT_ROIS`` otherwise."""
     if not isinstance(training, Mapping):
         return DEFAULT_ROIS
-    for data in ((training.get("config") or {}).get("data"), training.get("data")):
+    config = training.get("config")
+    for data in ((config.get("data") if isinstance(config, Mapping) else None), training.get("data")):
         if isinstance(data, Mapping) and isinstance(data.get("masks"), (list, tuple)):
             names = tuple(str(m) for m in data["masks"] if str(m) != BODY)
             if names:

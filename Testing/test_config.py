@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
-from MedTranslateLib.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from MedTranslateLib.config import apply_overrides, dump_yaml, from_dict, load_yaml, parse_yaml, to_dict
 
 
 @dataclass
@@ -186,3 +187,50 @@ def test_override_unknown_key_caught_by_from_dict():
     data = apply_overrides({}, ["train.max_stepz=5"])
     with pytest.raises(ValueError, match=r"unknown key 'train\.max_stepz' in overrides"):
         from_dict(Root, data, where="overrides")
+
+
+# ---- YAML guards: billion laughs, recursive aliases, deep nesting, inert tags ------------------------
+
+LAUGHS = "".join(["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"]
+                 + [f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)])
+MERGE_LAUGHS = "".join(["a: &a {k: 1}\n"] + [f"{c}: &{c} {{<<: [{', '.join(['*' + p] * 10)}]}}\n"
+                                             for p, c in zip("abcdefgh", "bcdefghi", strict=True)])
+
+
+@pytest.mark.parametrize("text, match", [
+    (LAUGHS, r"line 6, column \d+: expands to more than 1000000 nodes"),  # stops at 10**6, not 10**9
+    (MERGE_LAUGHS, r"expands to more than 1000000 nodes"),
+    ("a: &a [1, *a]\n", r"line 1, column 11: alias \*a refers to a node that contains it \(recursive\)"),
+    ("a: &a {b: {c: *a}}\n", r"alias \*a refers to a node that contains it"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", r"nested deeper than 100 levels"),
+    ("a: " + "{b: " * 150 + "1" + "}" * 150 + "\n", r"nested deeper than 100 levels"),
+])
+def test_yaml_bombs_are_refused_in_one_line(tmp_path, text, match):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        load_yaml(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: invalid YAML (") and "\n" not in msg and re.search(match, msg), msg
+
+
+def test_yaml_aliases_allowed_unless_refused():
+    text = "defaults: &d {lr: 0.1}\ntrain: *d\nother: {<<: *d, steps: 2}\n" + "deep: " + "[" * 98 + "]" * 98 + "\n"
+    data = parse_yaml(text)
+    assert data["train"] == {"lr": 0.1} and data["other"] == {"lr": 0.1, "steps": 2}
+    assert parse_yaml("only: &anchor {lr: 0.1}\n", aliases=False) == {"only": {"lr": 0.1}}
+    with pytest.raises(ValueError, match=r"^m\.yaml: invalid YAML \(line 2, column 8: alias \*d: anchors and "
+                                         r"aliases are not allowed in this file\)$"):
+        parse_yaml(text, where="m.yaml", aliases=False)
+
+
+@pytest.mark.parametrize("tag", ["!!python/object/apply:os.system ['touch {marker}']",
+                                 "!!python/object/new:subprocess.check_call [[touch, '{marker}']]",
+                                 "!!python/name:os.system", "!!python/module:os"])
+def test_yaml_tags_stay_inert(tmp_path, tag):
+    marker = tmp_path / "pwned"
+    with pytest.raises(ValueError, match=r"could not determine a constructor for the tag 'tag:yaml\.org,2002:python/"):
+        parse_yaml("x: " + tag.format(marker=marker) + "\n")
+    with pytest.raises(ValueError, match="could not determine a constructor"):
+        apply_overrides({}, ["x=" + tag.format(marker=marker)])
+    assert not marker.exists()
