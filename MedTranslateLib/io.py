@@ -286,10 +286,11 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
 def _native_output():
     """Capture what C/C++ code writes to file descriptor 2 while reading (ITK warnings, the NIfTI
     library, MetaIO): a user sees one line, never the libraries' noise. Yields the list that
-    receives the captured lines when the block ends."""
+    receives the captured lines when the block ends. Also puts back the C locale, which GDCM
+    (DICOM) sets to "C": Python's default text encoding would become ASCII for the whole process."""
     lines: list[str] = []
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
-    with _NATIVE_OUTPUT_LOCK:
+    with _NATIVE_OUTPUT_LOCK, _locale_kept():
         sitk.ProcessObject.SetGlobalWarningDisplay(False)
         try:
             sys.stderr.flush()
@@ -314,6 +315,22 @@ def _native_output():
 
 
 _NATIVE_OUTPUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _locale_kept():
+    import locale
+
+    try:
+        saved = locale.setlocale(locale.LC_ALL)
+    except locale.Error:
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(locale.Error):
+                locale.setlocale(locale.LC_ALL, saved)
 
 
 def _native_reason(lines: list[str]) -> str | None:

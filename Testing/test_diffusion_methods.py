@@ -307,3 +307,154 @@ def test_latent_training_run_loads_the_autoencoder_and_writes_a_self_contained_b
     assert not torch.equal(m.target_std, torch.ones_like(m.target_std))  # statistics were computed
     out = m.translate(torch.zeros(2, 1, 32, 32), steps=3, generator=torch.Generator().manual_seed(0))
     assert out.image.shape == (2, 1, 32, 32) and torch.isfinite(out.image).all()
+
+
+# ---- per-slice noise: a slice's noise does not depend on its batch -----------------------------
+
+#: Same noise, another batch: what is left is the rounding of CPU kernels that compute a slice
+#: differently at another batch size (oneDNN takes other convolution kernels for a batch of one):
+#: ~1e-7 in [-1, 1] units, ~1e-3 HU at most, where different noise moves voxels by tens of HU.
+ROUNDING = 1e-5
+ROUNDING_HU = 0.01
+
+def test_schedulers_draw_each_element_from_its_own_generator():
+    """``generator`` may be one generator per batch element: element b's noise is what it would
+    draw alone, so a batch gives the same result as its elements one by one."""
+    y = pair(3)[0]
+    gens = lambda: [torch.Generator().manual_seed(10 + i) for i in range(3)]  # noqa: E731
+    rs = ResShiftScheduler()
+    whole = rs.prior_sample(y, generator=gens())
+    assert torch.equal(whole, torch.cat([rs.prior_sample(y[i:i + 1], generator=[g]) for i, g in enumerate(gens())]))
+    assert (whole[0] - whole[1]).abs().max() > 0.1
+    bb = BrownianBridgeScheduler()
+    bb.set_timesteps(10)
+    t, out = int(bb.timesteps[1]), torch.zeros_like(y)
+    whole, _ = bb.step(out, t, y, y, generator=gens())
+    alone = [bb.step(out[i:i + 1], t, y[i:i + 1], y[i:i + 1], generator=[g])[0] for i, g in enumerate(gens())]
+    assert torch.equal(whole, torch.cat(alone))
+    with pytest.raises(ValueError, match="one per batch element"):
+        rs.prior_sample(y, generator=gens()[:2])
+
+
+@pytest.mark.parametrize("name", ["bbdm", "resshift"])
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_per_slice_generators_make_a_slice_independent_of_its_batch(name, space, ae_bundle):
+    """translate(generator=[one per slice]): the prior, every step's noise and every one of
+    num_samples samples of a slice come from its own generator, so splitting the batch changes
+    nothing; generators seeded alike give every slice the same noise (= shared_noise)."""
+    from MedTranslateLib.bundle import load_bundle
+
+    if space == "pixel":
+        m, size = method(name), 16
+    else:
+        torch.manual_seed(0)
+        m = build_method(name, {"unet": UNET, "latent": {"autoencoder_bundle": str(ae_bundle)}},
+                         pretrained={"autoencoder": load_bundle(ae_bundle).method}).eval()
+        size = 32
+    nn.init.normal_(m.unet.out[-1].weight, std=0.05)  # the output depends on the noise
+    source = pair(4, size)[0]
+    kw = {"steps": 4} if name == "bbdm" else {}
+    gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
+    whole = m.translate(source, generator=gens(range(4)), num_samples=2, **kw).samples  # (2, 4, 1, H, W)
+    split = [m.translate(source[a:b], generator=gens(range(a, b)), num_samples=2, **kw).samples
+             for a, b in ((0, 1), (1, 3), (3, 4))]
+    torch.testing.assert_close(whole, torch.cat(split, dim=1), rtol=0, atol=ROUNDING)
+    assert (whole[0] - whole[1]).abs().max() > 0.01  # the two samples differ
+    alike = lambda: [torch.Generator().manual_seed(7) for _ in range(4)]  # noqa: E731
+    shared = m.translate(source, generator=alike(), shared_noise=True, **kw).image
+    assert torch.equal(shared, m.translate(source, generator=alike(), **kw).image)
+    with pytest.raises(ValueError, match="one per batch element"):
+        m.translate(source, generator=gens(range(3)), **kw)
+
+
+ENGINE_META = {"source": {"modality": "ct", "preset": "ct_abdomen"},
+               "target": {"modality": "cta_arterial", "preset": "ct_angio"}, "slice": {"size": 16, "axis": 0}}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundles(tmp_path_factory) -> dict[str, Path]:
+    """Random-weight bbdm (4 steps) and resshift bundles on 16x16 slices; the output conv is not
+    zero, so the synthetic depends on the noise."""
+    from MedTranslateLib.bundle import save_bundle
+
+    out = {}
+    for name in ("bbdm", "resshift"):
+        m = method(name, **({"steps": 4} if name == "bbdm" else {}))
+        nn.init.normal_(m.unet.out[-1].weight, std=0.05)
+        out[name] = save_bundle(m, ENGINE_META, tmp_path_factory.mktemp(name) / "bundle")
+    return out
+
+
+def small_ct(n: int = 9, *, identical_slices: bool = False):
+    """(n, 24, 28) CT: an off-centre body ellipse (~0..200 HU) in air, varying along z."""
+    from MedTranslateLib.io import Volume
+
+    z, y, x = np.meshgrid(*(np.arange(k, dtype=np.float32) for k in (n, 24, 28)), indexing="ij")
+    if identical_slices:
+        z = z * 0
+    body = ((y - 12) / 9) ** 2 + ((x - 13) / 11) ** 2 < 1
+    arr = np.where(body, 60 + 80 * np.sin(x / 4) * np.cos(y / 5) + 8 * z, -1000).astype(np.float32)
+    return Volume(arr, spacing=(1.5, 1.5, 3.0))
+
+
+def _translator(bundle, batch_size, *, oom_above=None, **kw):
+    from MedTranslateLib import engine
+
+    tr = engine.VolumeTranslator(bundle, device="cpu", batch_size=batch_size, **kw)
+    if oom_above is not None:
+        real = tr.method.translate
+
+        def limited(source, **kwargs):
+            if source.shape[0] > oom_above:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(source, **kwargs)
+
+        tr.method.translate = limited
+    return tr
+
+
+@pytest.mark.parametrize("name", ["bbdm", "resshift"])
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_engine_same_seed_same_volume_whatever_the_batching(name, num_samples, tiny_bundles):
+    """Batch size 1, 3 or 8, a slice range or an out-of-memory back-off: same seed, same volume
+    (before per-slice seeds, batches were seeded from their first slice: tens of HU apart)."""
+    from MedTranslateLib.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundles[name])
+    vol = small_ct()
+
+    def run(batch_size, oom_above=None, seed=3, **kw):
+        res = _translator(bundle, batch_size, oom_above=oom_above).translate(vol, seed=seed, num_samples=num_samples,
+                                                                             **kw)
+        return res.synthetic.array, (None if res.uncertainty is None else res.uncertainty.array), res.info
+
+    whole, unc, _ = run(8)
+    assert (unc is not None) == (num_samples > 1)
+    same = dict(rtol=0, atol=ROUNDING_HU)
+    for bs in (1, 3):
+        syn, u, _ = run(bs)
+        np.testing.assert_allclose(syn, whole, **same)
+        if unc is not None:
+            np.testing.assert_allclose(u, unc, **same)
+    part, _, _ = run(3, slice_range=(2, 7))
+    np.testing.assert_allclose(part[2:7], whole[2:7], **same)
+    syn, _, info = run(8, oom_above=2)
+    assert info["oom_retries"] == 2 and info["batch_size"] == 2
+    np.testing.assert_allclose(syn, whole, **same)
+    assert np.abs(run(8, seed=4)[0] - whole).max() > 1.0  # the noise matters (HU)
+
+
+@pytest.mark.parametrize("name", ["bbdm", "resshift"])
+def test_engine_shared_noise_is_one_noise_map_for_every_slice(name, tiny_bundles):
+    """shared_noise: identical source slices give identical synthetic slices wherever they sit in
+    their batches (batches of 3 over 7 slices); independent noise makes them differ."""
+    from MedTranslateLib.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundles[name])
+    vol = small_ct(7, identical_slices=True)
+    syn = _translator(bundle, 3, shared_noise=True).translate(vol, seed=5).synthetic.array
+    np.testing.assert_allclose(syn, np.broadcast_to(syn[:1], syn.shape), rtol=0, atol=ROUNDING_HU)
+    again = _translator(bundle, 1, shared_noise=True).translate(vol, seed=5).synthetic.array
+    np.testing.assert_allclose(again, syn, rtol=0, atol=ROUNDING_HU)
+    independent = _translator(bundle, 3).translate(vol, seed=5).synthetic.array
+    assert np.abs(independent[1:] - independent[:1]).max(axis=(1, 2)).min() > 1.0  # HU

@@ -120,27 +120,118 @@ def test_same_seed_same_output_different_seed_different(bundle_path):
 
 
 def _recording_method(tr, log):
+    """Replace the method by one that logs (batch size, one draw per slice generator, shared_noise,
+    steps) and returns zeros."""
     def translate(source, *, masks=None, steps=None, num_samples=1, generator=None, shared_noise=False):
-        log.append((source.shape[0], float(torch.rand(1, generator=generator)), shared_noise, steps))
+        assert len(generator) == source.shape[0]  # one generator per slice
+        log.append((source.shape[0], [float(torch.rand(1, generator=g)) for g in generator], shared_noise, steps))
         return Translation(image=torch.zeros_like(source[:, :1]))
 
     tr.method.translate = translate
     tr.capabilities = dataclasses.replace(tr.capabilities, shared_noise=True)  # the method says it accepts it
 
 
-def test_shared_noise_reseeds_every_batch_and_tells_the_method(det_bundle_path):
+#: Same noise, another batch: what is left is the rounding of CPU kernels that compute a slice
+#: differently at another batch size (oneDNN's convolutions for a batch of one, channels-last
+#: GroupNorm): ~1e-3 HU at most, where different noise moves voxels by tens of HU.
+ROUNDING_HU = 0.01
+
+
+def _simulate_oom_above(tr, n: int) -> None:
+    """Make ``tr``'s method raise out-of-memory for batches of more than ``n`` slices."""
+    real = tr.method.translate
+
+    def limited(source, **kwargs):
+        if source.shape[0] > n:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(source, **kwargs)
+
+    tr.method.translate = limited
+
+
+def _draws_per_slice(det_bundle_path, vol, *, batch_size, oom_above=None, **kwargs) -> dict[int, float]:
+    """{slice index: the first number its generator gives} over one translation."""
+    log: list = []
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=batch_size)
+    _recording_method(tr, log)
+    if oom_above is not None:
+        _simulate_oom_above(tr, oom_above)
+    res = tr.translate(vol, seed=5, **kwargs)
+    draws = [d for _, batch, _, _ in log for d in batch]
+    assert len(draws) == res.slice_range[1] - res.slice_range[0]
+    return dict(enumerate(draws, start=res.slice_range[0]))
+
+
+def test_every_slice_draws_from_its_own_generator_whatever_the_batching(det_bundle_path):
+    """A slice's generator is seeded from (seed, its index): the same numbers at any batch size,
+    for any slice range and after an out-of-memory back-off."""
+    vol = ct_volume(shape=(10, 40, 48))
+    whole = _draws_per_slice(det_bundle_path, vol, batch_size=8)
+    assert len(set(whole.values())) == 10  # independent streams
+    for bs in (1, 3):
+        assert _draws_per_slice(det_bundle_path, vol, batch_size=bs) == whole
+    part = _draws_per_slice(det_bundle_path, vol, batch_size=3, slice_range=(4, 9))
+    assert part == {k: whole[k] for k in range(4, 9)}
+    assert _draws_per_slice(det_bundle_path, vol, batch_size=8, oom_above=2) == whole
+
+
+def test_shared_noise_gives_every_slice_the_same_stream_and_tells_the_method(det_bundle_path):
     vol = ct_volume()
     log: list = []
     tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=3, shared_noise=True)
     _recording_method(tr, log)
     tr.translate(vol, seed=5, steps=7)
     assert [n for n, *_ in log] == [3, 3, 2]
-    assert len({r for _, r, _, _ in log}) == 1 and all(s and st == 7 for _, _, s, st in log)
+    assert len({d for _, draws, _, _ in log for d in draws}) == 1 and all(s and st == 7 for _, _, s, st in log)
     log.clear()
     tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", batch_size=3)
     _recording_method(tr, log)
     tr.translate(vol, seed=5)
-    assert len({r for _, r, _, _ in log}) == 3 and not any(s for _, _, s, _ in log)
+    assert len({d for _, draws, _, _ in log for d in draws}) == 8 and not any(s for _, _, s, _ in log)
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_same_seed_same_volume_whatever_the_batch_size_slice_range_or_oom(bundle_path, num_samples):
+    """Monte-Carlo dropout (pix2pix test_time_dropout): each slice's masks come from its own
+    generator, so batch size 1, 3 or 8, a sub-range of slices or an out-of-memory back-off give
+    the same synthetic volume (and uncertainty) for the same seed."""
+    vol = ct_volume(shape=(10, 40, 48))
+    bundle = load_bundle(bundle_path)
+
+    def run(batch_size, oom_above=None, seed=9, **kwargs):
+        tr = engine.VolumeTranslator(bundle, device="cpu", batch_size=batch_size)
+        if oom_above is not None:
+            _simulate_oom_above(tr, oom_above)
+        res = tr.translate(vol, seed=seed, num_samples=num_samples, **kwargs)
+        return res.synthetic.array, (None if res.uncertainty is None else res.uncertainty.array), res.info
+
+    same = dict(rtol=0, atol=ROUNDING_HU)
+    whole, unc, _ = run(8)
+    assert (unc is not None) == (num_samples > 1)
+    for bs in (1, 3):
+        syn, u, _ = run(bs)
+        np.testing.assert_allclose(syn, whole, **same)
+        if unc is not None:
+            np.testing.assert_allclose(u, unc, **same)
+    part, _, _ = run(3, slice_range=(3, 9))
+    np.testing.assert_allclose(part[3:9], whole[3:9], **same)
+    syn, _, info = run(8, oom_above=2)
+    assert info["oom_retries"] == 2
+    np.testing.assert_allclose(syn, whole, **same)
+    assert np.abs(run(8, seed=10)[0] - whole).max() > 1.0  # the dropout noise matters (HU)
+
+
+def test_shared_noise_is_one_noise_for_every_slice(bundle_path):
+    """shared_noise with Monte-Carlo dropout: identical source slices give identical synthetic
+    slices, whatever their position in their batch; without it they differ."""
+    base = ct_volume(shape=(7, 40, 48))
+    vol = base.with_array(np.repeat(base.array[:1], 7, axis=0))
+    bundle = load_bundle(bundle_path)
+    shared = engine.VolumeTranslator(bundle, device="cpu", batch_size=3, shared_noise=True).translate(vol, seed=4)
+    syn = shared.synthetic.array
+    np.testing.assert_allclose(syn, np.broadcast_to(syn[:1], syn.shape), rtol=0, atol=ROUNDING_HU)
+    independent = engine.VolumeTranslator(bundle, device="cpu", batch_size=3).translate(vol, seed=4).synthetic.array
+    assert np.abs(independent[1:] - independent[:1]).max(axis=(1, 2)).min() > 1.0  # HU
 
 
 def test_uncertainty_from_samples(bundle_path):

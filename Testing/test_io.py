@@ -619,3 +619,13 @@ def test_sigterm_during_a_write_leaves_no_temporary(tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 143 and err.strip() == "medtranslate: terminated; nothing was written"
     assert os.listdir(tmp_path) == []
+
+
+def test_dicom_io_leaves_the_process_locale_alone(tmp_path, oblique_volume):
+    """GDCM sets the C locale to "C": Python's default text encoding then turns ASCII for the
+    whole process (a later ``Path.read_text()`` of a '±' failed in another test)."""
+    import locale
+
+    before = (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False))
+    read_volume(write_volume(oblique_volume, tmp_path / "series"))
+    assert (locale.setlocale(locale.LC_ALL), locale.getpreferredencoding(False)) == before

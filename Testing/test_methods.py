@@ -116,6 +116,30 @@ def test_test_time_dropout_mc_samples():
     assert all(not mod.training for mod in m.modules())  # dropout switched back off
 
 
+def test_test_time_dropout_masks_come_from_one_generator_per_slice():
+    """generator=[one per slice]: a slice's Monte-Carlo dropout masks (every sample's) come from
+    its own generator, so it gets the same samples alone or in a batch; the global RNG is not
+    touched."""
+    m = tiny(test_time_dropout=True).eval()
+    with torch.no_grad():  # larger than the N(0, 0.02) init, so that dropout visibly matters
+        for p in m.parameters():
+            if p.ndim == 4:
+                p.normal_(0.0, 0.15)
+    src = torch.cat([batch(0)["source"], batch(1)["source"]])  # 4 slices
+    gens = lambda idx: [torch.Generator().manual_seed(50 + i) for i in idx]  # noqa: E731
+    state = torch.random.get_rng_state()
+    whole = m.translate(src, num_samples=2, generator=gens(range(4))).samples  # (2, 4, 1, 64, 64)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    split = [m.translate(src[a:b], num_samples=2, generator=gens(range(a, b))).samples for a, b in ((0, 1), (1, 4))]
+    torch.testing.assert_close(whole, torch.cat(split, dim=1), rtol=0, atol=1e-5)  # kernel rounding only
+    assert (whole[0] - whole[1]).abs().max() > 0.01  # the two samples differ
+    alike = lambda: [torch.Generator().manual_seed(7) for _ in range(4)]  # noqa: E731
+    same = m.translate(torch.cat([src[:1]] * 4), generator=alike()).image
+    torch.testing.assert_close(same, same[:1].expand_as(same), rtol=0, atol=1e-5)  # same seed, same masks
+    with pytest.raises(ValueError, match="one per batch element"):
+        m.translate(src, generator=gens(range(3)))
+
+
 # ---- training -------------------------------------------------------------------------------------
 
 def grads(params) -> list[bool]:

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..nn.noise import Generators, randn
+
 __all__ = ["BrownianBridgeScheduler"]
 
 _OBJECTIVES = ("grad", "noise", "ysubx")
@@ -86,12 +88,12 @@ def _gather(schedule: Tensor, t: Tensor, like: Tensor, dtype: torch.dtype) -> Te
     return values
 
 
-def _standard_normal(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """N(0, I) noise shaped like ``like``; drawn on the generator's device, then moved."""
+def _standard_normal(like: Tensor, generator: Generators) -> Tensor:
+    """N(0, I) noise shaped like ``like``: from the global RNG (None), one generator, or one
+    generator per batch element (``nn.noise``); drawn on the generators' device, then moved."""
     if generator is None:
         return torch.randn_like(like)
-    noise = torch.randn(like.shape, generator=generator, device=generator.device, dtype=like.dtype)
-    return noise.to(like.device)
+    return randn(like.shape, generator, device=like.device, dtype=like.dtype)
 
 
 def _scalar_timestep(timestep: int | Tensor) -> int:
@@ -304,7 +306,7 @@ class BrownianBridgeScheduler:
     # ------------------------------------------------------------------ sampling
 
     def step(self, model_output: Tensor, timestep: int | Tensor, sample: Tensor, y: Tensor,
-             noise: Tensor | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+             noise: Tensor | None = None, generator: Generators = None) -> tuple[Tensor, Tensor]:
         """One reverse step from ``timestep`` to :meth:`next_timestep` (official ``p_sample``).
 
         Args:
@@ -313,8 +315,9 @@ class BrownianBridgeScheduler:
                 (B,) tensor holding one value.
             sample: x_t, (B, C, H, W).
             y: the bridge's other end (the source, or its latent), (B, C, H, W).
-            noise: the standard normal z to add (drawn with ``generator`` when None; not drawn at
-                all when eta = 0 or at the last step).
+            noise: the standard normal z to add (drawn with ``generator`` when None: one
+                generator, or one per batch element; not drawn at all when eta = 0 or at the last
+                step).
         Returns:
             (prev_sample, pred_x0): x at the next timestep and x̂0 (clamped when ``clip_sample``).
             At the last timestep (0) both are x̂0.

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..nn.noise import Generators
 from .brownian_bridge import _compute_dtype, _gather, _standard_normal, _timestep_index
 
 __all__ = ["ResShiftScheduler"]
@@ -164,8 +165,9 @@ class ResShiftScheduler:
         out = _gather(self.etas, t, x0, cdt) * (yc - x0c) + x0c + _gather(self._noise_std, t, x0, cdt) * nc
         return out.to(x0.dtype)
 
-    def prior_sample(self, y: Tensor, noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """x_T = y + κ√η_T ε, the start of sampling (official ``prior_sample``). y: (B, C, H, W)."""
+    def prior_sample(self, y: Tensor, noise: Tensor | None = None, generator: Generators = None) -> Tensor:
+        """x_T = y + κ√η_T ε, the start of sampling (official ``prior_sample``). y: (B, C, H, W);
+        ε is ``noise`` or drawn with ``generator`` (one, or one per batch element)."""
         cdt = _compute_dtype(y)
         if noise is None:
             noise = _standard_normal(y, generator)
@@ -201,14 +203,15 @@ class ResShiftScheduler:
     # ------------------------------------------------------------------ sampling
 
     def step(self, pred_x0: Tensor, timestep: int | Tensor, sample: Tensor, noise: Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+             generator: Generators = None) -> tuple[Tensor, Tensor]:
         """x_{t-1} from x_t and the network's x̂0 (official ``p_sample`` with START_X prediction).
 
         Args:
             pred_x0: the network output x̂0, (B, C, H, W); clamped to [-1, 1] when ``clip_sample``.
             timestep: t, an int, 0-d tensor or (B,) LongTensor.
             sample: x_t, (B, C, H, W).
-            noise: standard normal noise (drawn with ``generator`` when None and t > 0).
+            noise: standard normal noise (drawn with ``generator`` when None and t > 0: one
+                generator, or one per batch element).
         Returns:
             (prev_sample, pred_x0). At t = 0 prev_sample is the posterior mean (no noise), which
             equals x̂0 because η_{-1} = 0.

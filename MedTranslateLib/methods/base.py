@@ -19,6 +19,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..nn.noise import Generators
+
 __all__ = ["Translation", "TranslationMethod", "Capabilities", "register", "available_methods",
            "get_method_class", "capabilities_of", "build_method"]
 
@@ -154,7 +156,12 @@ class TranslationMethod(nn.Module):
 
     # ---- inference ---------------------------------------------------------------------------
     def translate(self, source: Tensor, *, masks: dict[str, Tensor] | None = None, steps: int | None = None,
-                  num_samples: int = 1, generator: torch.Generator | None = None) -> Translation:
+                  num_samples: int = 1, generator: Generators = None) -> Translation:
+        """source (B, C, H, W) in [-1, 1] -> ``Translation``. ``generator``: where a stochastic
+        method's randomness comes from (``nn.noise.Generators``): None (the global RNG), one
+        ``torch.Generator`` for the whole batch, or a sequence of them, one per slice of the batch
+        (the engine's form), drawn through ``nn.noise`` so that a slice's noise depends on its own
+        generator only, not on the batch it is in."""
         raise NotImplementedError
 
     def check_source(self, source: Tensor) -> None:

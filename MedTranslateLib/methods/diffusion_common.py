@@ -16,9 +16,11 @@
   ``latent`` concatenates the source latent (BBDM "first_stage"); ``none`` gives the denoiser
   only x_t (BBDM "nocond": the bridge's start point is the only condition).
 - Sampling: ``num_samples`` independent samples; ``image`` is their mean, ``uncertainty`` their
-  per-pixel std (normalised target units), ``samples`` all of them. ``generator`` seeds the noise;
-  ``shared_noise=True`` (engine) draws one noise map per step and uses it for every slice of the
-  batch, so neighbouring slices do not flicker.
+  per-pixel std (normalised target units), ``samples`` all of them. ``generator`` seeds every
+  noise draw (the prior and each step's noise), through ``nn.noise``: one generator for the batch,
+  or one per slice (the engine's: a slice's noise then does not depend on its batch);
+  ``shared_noise=True`` draws one noise map per draw and uses it for every slice of the batch, so
+  neighbouring slices do not flicker.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn.diffusion_unet import DenoisingUNet
+from ..nn.noise import Generators, randn_like
 from .base import Translation, TranslationMethod
 
 __all__ = ["ConditionKind", "DiffusionMethod", "LatentConfig", "NoiseFn"]
@@ -239,21 +242,20 @@ class DiffusionMethod(TranslationMethod):
             raise ValueError(f"{self.name}: slice size {tuple(source.shape[-2:])} must be a multiple of {m}")
 
     def translate(self, source: Tensor, *, masks: dict[str, Tensor] | None = None, steps: int | None = None,
-                  num_samples: int = 1, generator: torch.Generator | None = None,
+                  num_samples: int = 1, generator: Generators = None,
                   shared_noise: bool = False) -> Translation:
         """source (B, C, H, W) in [-1, 1] -> Translation: ``image`` the mean of ``num_samples``
         samples, with ``uncertainty`` (per-pixel std) and ``samples`` when num_samples > 1.
-        ``steps``: sampling steps (method default when None). Masks are not used."""
+        ``steps``: sampling steps (method default when None). ``generator``: None, one generator,
+        or one per slice (``nn.noise.Generators``); ``shared_noise``: one noise map for the whole
+        batch. Masks are not used."""
         self.check_source(source)
         self.check_size(source)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 
         def noise(like: Tensor) -> Tensor:
-            shape = (1, *like.shape[1:]) if shared_noise else like.shape
-            z = torch.randn(shape, generator=generator, device=like.device if generator is None else generator.device,
-                            dtype=torch.float32)
-            return z.to(like.device, like.dtype).expand_as(like)
+            return randn_like(like, generator, shared=shared_noise)
 
         with torch.no_grad():
             y = self.to_space(source, "source")

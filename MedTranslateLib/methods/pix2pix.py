@@ -30,7 +30,9 @@ reference test script runs the network in train mode (batch statistics, dropout 
 should give the same synthetic scan every time, and batch statistics make one slice's output
 depend on the other slices in its batch. ``test_time_dropout: true`` turns dropout back on at
 inference (normalisation stays in eval mode); then ``num_samples > 1`` gives Monte-Carlo dropout
-samples whose mean is ``image`` and whose per-pixel std is ``uncertainty``. Masks are ignored.
+samples whose mean is ``image`` and whose per-pixel std is ``uncertainty``. The dropout masks come
+from ``generator`` (``nn.noise``: with one generator per slice, as the engine passes, a slice's
+masks do not depend on its batch). Masks are ignored.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import GANLoss, PatchGAN, Pix2PixUNet, frozen
+from ..nn import GANLoss, Generators, PatchGAN, Pix2PixUNet, dropout_generators, frozen
 from .base import Capabilities, TransientState, Translation, TranslationMethod, register
 
 __all__ = ["Pix2Pix", "Pix2PixConfig", "Pix2PixGeneratorConfig", "Pix2PixDiscriminatorConfig"]
@@ -156,12 +158,13 @@ class Pix2Pix(TranslationMethod):
                 m.eval()
 
     def translate(self, source: Tensor, *, masks: dict[str, Tensor] | None = None, steps: int | None = None,
-                  num_samples: int = 1, generator: torch.Generator | None = None) -> Translation:
+                  num_samples: int = 1, generator: Generators = None) -> Translation:
         """source (B, C, H, W) in [-1, 1] -> Translation(image (B, 1, H, W) in [-1, 1]).
 
         Deterministic in eval mode (the default). ``masks`` and ``steps`` are ignored. With
         ``test_time_dropout`` and ``num_samples > 1``: ``samples`` (N, B, 1, H, W), ``image`` their
-        mean, ``uncertainty`` their per-pixel std; ``generator`` seeds the dropout noise.
+        mean, ``uncertainty`` their per-pixel std. ``generator``: where the dropout masks come
+        from (``nn.noise.Generators``: None, one generator, or one per slice).
         """
         self.check_source(source)
         self.generator.check_input(source)
@@ -170,7 +173,7 @@ class Pix2Pix(TranslationMethod):
         with torch.no_grad(), self._test_time_dropout() as noisy:
             if not noisy:
                 return Translation(image=self.generator(source))
-            with _seeded(generator, source.device):
+            with dropout_generators(self.generator, generator):
                 samples = torch.stack([self.generator(source) for _ in range(num_samples)])
         if num_samples == 1:
             return Translation(image=samples[0])
@@ -233,17 +236,3 @@ class Pix2Pix(TranslationMethod):
             loss = loss_gan + self.config.lambda_l1 * loss_l1          # eq. (4)
             return {"loss": loss, "g_gan": loss_gan.detach(), "g_l1": loss_l1.detach()}
         raise ValueError(f"pix2pix: unknown phase {phase!r}; phases: {self.optimization_phases()}")
-
-
-@contextlib.contextmanager
-def _seeded(generator: torch.Generator | None, device: torch.device) -> Iterator[None]:
-    """Run the block with the global RNG seeded from ``generator`` (restored afterwards);
-    dropout takes no generator argument. No-op when ``generator`` is None."""
-    if generator is None:
-        yield
-        return
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    accel = device.type != "cpu"
-    with torch.random.fork_rng(devices=[device] if accel else [], device_type=device.type if accel else "cuda"):
-        torch.manual_seed(seed)
-        yield

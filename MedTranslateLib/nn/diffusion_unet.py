@@ -282,9 +282,19 @@ class DenoisingUNet(nn.Module):
     def _inject(self, site: str, level: int | None, h: Tensor, emb: Tensor, t: Tensor, extra: Any) -> Tensor:
         if site not in self.injections:
             return h
-        return self.injections[site](h, InjectionContext(emb=emb, timesteps=t, site=site, level=level, extra=extra))
+        ctx = InjectionContext(emb=emb.expand(h.shape[0], -1), timesteps=t, site=site, level=level, extra=extra)
+        return self.injections[site](h, ctx)
 
     # ---- forward -------------------------------------------------------------------------------
+    def embed_timesteps(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """Time embedding of ``t`` (B,): (B, E), or (1, E) when every element has the same timestep
+        (sampling), which then broadcasts over the batch. Embedding that one timestep once keeps
+        a slice's result independent of the batch size: a matrix product's rounding can change
+        with its number of rows (one-row products take another kernel)."""
+        if t.numel() > 1 and bool((t == t[0]).all()):
+            t = t[:1]
+        return self.time_embed(get_timestep_embedding(t, self.config.model_channels).to(dtype))
+
     def check_input(self, x: Tensor) -> None:
         m = self.config.multiple
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2] % m or x.shape[-1] % m:
@@ -297,7 +307,7 @@ class DenoisingUNet(nn.Module):
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
-        emb = self.time_embed(get_timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        emb = self.embed_timesteps(t, x.dtype)
         feats = UNetFeatures()
         h = self.conv_in(x)
         skips = [h]

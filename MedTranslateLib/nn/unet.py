@@ -12,7 +12,9 @@ conv -> norm -> dropout -> act) and every decoder block applies ReLU to its conc
 Since ReLU(LeakyReLU(y)) = ReLU(y), this computes exactly the same function as the reference.
 
 Dropout follows the reference code: blocks whose input and output both have 8*ngf channels,
-other than the innermost (``num_downs - 5`` of them, 3 for the 256x256 ``unet_256``).
+other than the innermost (``num_downs - 5`` of them, 3 for the 256x256 ``unet_256``). The dropout
+layers are ``noise.SampleDropout`` (``nn.Dropout`` whose masks can come from one generator per
+slice: Monte-Carlo dropout at test time gives a slice the same masks whatever its batch).
 Input height and width must be divisible by ``2 ** num_downs`` (128x128 needs ``num_downs <= 7``).
 """
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
+from .noise import SampleDropout
 from .utils import init_normal
 
 Norm = Literal["batch", "instance"]
@@ -84,8 +87,11 @@ class Pix2PixUNet(nn.Module):
                 continue
             cin = ch[k] if k == n - 1 else 2 * ch[k]
             drop = dropout if (4 <= k <= n - 2 and dropout > 0) else None
-            dec.append(conv(cin, ch[k - 1], is_transposed=True, output_padding=0, act=None, norm=nrm,
-                            dropout=drop, bias=use_bias))
+            block = conv(cin, ch[k - 1], is_transposed=True, output_padding=0, act=None, norm=nrm, dropout=drop,
+                         bias=use_bias)
+            if drop is not None:
+                block.adn.D = SampleDropout(drop)  # MONAI's nn.Dropout, with per-slice masks on demand
+            dec.append(block)
         self.decoder = nn.ModuleList(dec)
         self.final_activation = final_activation
         init_normal(self)
