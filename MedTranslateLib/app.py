@@ -241,6 +241,10 @@ class TranslationOptions:
     batch_size: int | str = "auto"
     precision: str = "auto"
     shared_noise: bool = False
+    #: which of ``engine.OPTIONAL_OUTPUTS`` to compute (None: all of them)
+    outputs: frozenset[str] | None = None
+    #: CPU threads for torch: a positive int, "auto" (``runtime.default_threads``) or None (as set)
+    threads: int | str | None = None
 
     def __post_init__(self) -> None:
         def whole(value: Any) -> bool:
@@ -252,6 +256,8 @@ class TranslationOptions:
             raise UserError(f"the number of samples must be an integer in 1..1024, got {self.num_samples!r}")
         if self.steps is not None and not (whole(self.steps) and self.steps >= 1):
             raise UserError(f"sampling steps must be a positive integer, got {self.steps!r}")
+        if self.threads not in (None, "auto") and not (whole(self.threads) and self.threads >= 1):
+            raise UserError(f"threads must be a positive integer or 'auto', got {self.threads!r}")
 
     @property
     def roi_only(self) -> bool:
@@ -330,8 +336,11 @@ def run_translation(request: TranslationRequest, *, cache: ModelCache | None = N
     """Load (or reuse) the model and translate the request's case (any thread; touches no GUI).
     Raises ``engine.TranslationCancelled`` when ``cancel`` fired."""
     from .engine import TranslationCancelled
+    from .runtime import set_threads
 
     opts = request.options
+    if opts.threads is not None:
+        set_threads(opts.threads)
     if message:
         message("Loading model")
     translator = (cache if cache is not None else _DEFAULT_CACHE).get(opts)
@@ -342,7 +351,8 @@ def run_translation(request: TranslationRequest, *, cache: ModelCache | None = N
     case = request.case
     result = translator.translate(case.source, masks=case.masks or None, reference=case.reference,
                                   steps=opts.steps or None, num_samples=int(opts.num_samples), seed=opts.seed,
-                                  slice_range=_slice_range(request, translator), progress=progress, cancel=cancel)
+                                  slice_range=_slice_range(request, translator), progress=progress, cancel=cancel,
+                                  outputs=opts.outputs)
     return TranslationOutcome(result, translator)
 
 
@@ -390,10 +400,10 @@ def write_json(obj: Any, path: Path) -> Path:
     return path
 
 
-def write_outputs(items: Sequence[tuple[Any, Path]], modality: str) -> list[Path]:
+def write_outputs(items: Sequence[tuple[Any, Path]], modality: str, *, level: int | None = None) -> list[Path]:
     """Write volumes / JSON documents all or nothing (``io.OutputSet``): each is staged next to its
     target and all are moved into place at the end; a failure (or an interrupt) leaves the
-    previous outputs as they were."""
+    previous outputs as they were. ``level``: compression level of compressed formats (0..9)."""
     import json
 
     from . import io
@@ -401,14 +411,15 @@ def write_outputs(items: Sequence[tuple[Any, Path]], modality: str) -> list[Path
     with io.OutputSet() as outputs:
         for obj, path in items:
             if isinstance(obj, io.Volume):
-                outputs.add_volume(obj, path, modality=modality)
+                outputs.add_volume(obj, path, modality=modality, level=level)
             else:
                 outputs.add_file(lambda staged, obj=obj: staged.write_text(json.dumps(obj, indent=2) + "\n",
                                                                            encoding="utf-8"), path)
         return outputs.commit()
 
 
-def write_case_folder(outcome: TranslationOutcome, folder: Path, case: Any = None) -> list[Path]:
+def write_case_folder(outcome: TranslationOutcome, folder: Path, case: Any = None, *,
+                      level: int | None = None) -> list[Path]:
     """Every output of one case, and ``metrics.json``, into ``folder`` at once: written into a
     temporary sibling folder that then replaces ``folder`` (``io.replace_dir``: the previous
     outputs come back if the swap fails). A ``folder`` holding other files is refused."""
@@ -423,7 +434,7 @@ def write_case_folder(outcome: TranslationOutcome, folder: Path, case: Any = Non
     try:
         items = [(getattr(outcome.result, key), tmp / name) for key, name in names.items()]
         items.append((metrics_document(outcome, case), tmp / METRICS_FILE))
-        write_outputs(items, outcome.translator.target_preset.DICOM_MODALITY)
+        write_outputs(items, outcome.translator.target_preset.DICOM_MODALITY, level=level)
         replace_dir(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

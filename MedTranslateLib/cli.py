@@ -7,6 +7,7 @@ non-zero exit code, never a traceback. Set MEDTRANSLATE_DEBUG=1 to see the trace
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -119,7 +120,9 @@ def _run_case(files, options, cache):
         bar.close()
 
 
-def _options(args: argparse.Namespace, device: str):
+def _options(args: argparse.Namespace, device: str, outputs=None):
+    """The application options of ``translate``; ``outputs``: the optional outputs to compute
+    (None: all, as a folder of cases writes them all)."""
     from . import app
 
     slices = args.roi
@@ -133,7 +136,7 @@ def _options(args: argparse.Namespace, device: str):
     return app.TranslationOptions(model=args.model, device=device, steps=args.steps, num_samples=args.num_samples,
                                   seed=args.seed, slices=slices, extent_margin=args.extent_margin,
                                   batch_size=args.batch_size, precision=args.precision,
-                                  shared_noise=args.shared_noise)
+                                  shared_noise=args.shared_noise, outputs=outputs, threads=args.threads)
 
 
 def _print_metrics(result, indent: str = "  ") -> None:
@@ -166,6 +169,8 @@ def _cmd_translate(args: argparse.Namespace) -> int:
 
     rank, world, _ = runtime.distributed_env()
     options = _options(args, runtime.local_device(args.device))
+    single = {name for flag, name in (("difference", "difference"), ("uncertainty", "uncertainty"),
+                                      ("metrics", "consistency")) if getattr(args, flag) is not None}
     cache = app.ModelCache()
     translator = cache.get(options)
     meta = translator.bundle.meta
@@ -173,8 +178,8 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     if args.roi is not None and args.roi not in translator.roi_names:
         raise CLIError(f"--roi {args.roi}: the model's ROI masks are {', '.join(translator.roi_names)}")
     cases = _find_cases(source, meta.source.modality, meta.target.modality, translator.roi_names)
-    if cases is None:
-        return _translate_single(translator, cache, options, args)
+    if cases is None:  # compute only what this command writes
+        return _translate_single(translator, cache, dataclasses.replace(options, outputs=frozenset(single)), args)
     per_case = [f for f in ("liver", "tumor", "mask", "reference", "difference", "uncertainty", "metrics")
                 if getattr(args, f) is not None]
     if per_case:
@@ -199,7 +204,7 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     for files in mine:
         try:
             case, outcome = _run_case(files, options, cache)
-            app.write_case_folder(outcome, out / files.name, files)
+            app.write_case_folder(outcome, out / files.name, files, level=args.compression_level)
         except (ValueError, OSError, RuntimeError, KeyError, EOFError, MemoryError) as exc:
             if os.environ.get("MEDTRANSLATE_DEBUG"):
                 raise
@@ -260,7 +265,7 @@ def _translate_single(translator, cache, options, args: argparse.Namespace) -> i
         items.append((result.uncertainty, Path(args.uncertainty)))
     if args.metrics:
         items.append((app.metrics_document(outcome, files), Path(args.metrics)))
-    written = app.write_outputs(items, translator.target_preset.DICOM_MODALITY)
+    written = app.write_outputs(items, translator.target_preset.DICOM_MODALITY, level=args.compression_level)
     info = result.info
     print(f"synthetic: {written[0]} ({info['slices']} slices in {info['seconds']:.1f} s on {info['device']}, "
           f"{info['precision']}, batch {info['batch_size']})")
@@ -410,6 +415,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     raise CLIError(f"unknown models command {args.models_command!r}")
 
 
+def _threads(text: str) -> int | str:
+    return "auto" if text == "auto" else _bounded_int(1, 4096)(text)
+
+
 def _batch_size(text: str) -> int | str:
     if text == "auto":
         return text
@@ -491,6 +500,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--extent-margin", "--roi-margin", dest="extent_margin", type=_bounded_int(0, 100000), default=4,
                    help="slices kept on each side of the --roi mask's extent (not the training's data.roi_margin)")
     p.add_argument("--shared-noise", action="store_true", help="same noise for every slice (diffusion methods)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads for the network: N, or auto (every core; on a busy machine 1 can be "
+                        "several times faster)")
+    p.add_argument("--compression-level", type=_bounded_int(1, 9), default=None,
+                   help="zlib level of .nrrd/.mha outputs: 1 fastest .. 9 smallest (.nii.gz has ITK's own level; "
+                        "write .nii for the fastest, uncompressed output)")
     p.set_defaults(func=_cmd_translate)
 
     p = sub.add_parser("evaluate", help="evaluate a bundle on held-out cases: metrics table + figures")

@@ -182,9 +182,10 @@ def fit_slice_to_size(image, size: int, *, mask=None, spacing: Sequence[float] =
 # ---------------------------------------------------------------------------------------------
 # masks and slice selection
 # ---------------------------------------------------------------------------------------------
-def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None) -> np.ndarray:
+def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill_holes: bool = True) -> np.ndarray:
     """Body mask (z, y, x) bool from intensities: > -500 HU for CT presets, else above 5 % of
-    the (fitted) preset range; small specks removed, holes filled per slice."""
+    the (fitted) preset range; small specks removed, holes filled per slice (``fill_holes``:
+    a hole lies inside its slice's box, so a crop box needs no filling)."""
     from scipy import ndimage
 
     arr = volume.array
@@ -197,11 +198,12 @@ def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None) -> np.n
         return m
     m = ndimage.binary_opening(m, structure=np.ones((1, 3, 3), bool))
     labels, n = ndimage.label(m)
-    if n > 1:
-        sizes = ndimage.sum_labels(m, labels, index=np.arange(1, n + 1))
+    if n > 1:  # the largest component (bincount: one pass, whatever the number of components)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         m = labels == (int(np.argmax(sizes)) + 1)
-    for k in range(m.shape[0]):
-        m[k] = ndimage.binary_fill_holes(m[k])
+    if fill_holes:
+        for k in range(m.shape[0]):
+            m[k] = ndimage.binary_fill_holes(m[k])
     return m
 
 

@@ -40,7 +40,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,10 +102,13 @@ class Result:
         synthetic and the reference, and their ratio.
     slice_range: [first, last) slices translated along ``axis``.
     info: device, precision, batch size, out-of-memory retries, seed, timings.
+
+    The optional outputs (``OPTIONAL_OUTPUTS``) are None (consistency: empty) when
+    ``translate(outputs=...)`` did not ask for them.
     """
 
     synthetic: mio.Volume
-    difference: mio.Volume
+    difference: mio.Volume | None = None
     uncertainty: mio.Volume | None = None
     uncertainty_kind: str | None = None
     confidence: np.ndarray | None = None
@@ -137,6 +140,11 @@ def _is_cancelled(cancel: Any) -> bool:
     if hasattr(cancel, "is_set"):
         return bool(cancel.is_set())
     return bool(cancel())
+
+
+#: What ``translate(outputs=...)`` can leave out: each costs whole-volume passes (issue 14: a
+#: plain translate spent most of its time on maps nobody asked for).
+OPTIONAL_OUTPUTS = frozenset({"difference", "reference_difference", "uncertainty", "consistency"})
 
 
 def _slice_seed(seed: int, index: int) -> int:
@@ -219,7 +227,8 @@ class VolumeTranslator:
     def translate(self, volume: mio.Volume, *, masks: Mapping[str, Any] | None = None,
                   reference: mio.Volume | None = None, steps: int | None = None, num_samples: int = 1,
                   seed: int | None = None, slice_range: tuple[int, int] | str | None = None,
-                  progress: ProgressFn | None = None, cancel: Any = None) -> Result:
+                  progress: ProgressFn | None = None, cancel: Any = None,
+                  outputs: Collection[str] | None = None) -> Result:
         """Translate ``volume`` (see the module docstring).
 
         masks: name (the bundle's ROI names, e.g. "liver", "tumor"; "body") -> ``Volume`` (resampled nearest-neighbour onto
@@ -233,8 +242,13 @@ class VolumeTranslator:
         progress: ``progress(done_slices, total_slices, eta_seconds or None)``, at the start and
             after every batch. cancel: a callable returning True, or an object with ``is_set()``
             (threading.Event); checked before every batch; raises ``TranslationCancelled``.
+        outputs: which of ``OPTIONAL_OUTPUTS`` to compute (None: all); the synthetic volume, the
+            confidence and, with a reference, the metrics are always there.
         """
         t_start = time.perf_counter()
+        want = OPTIONAL_OUTPUTS if outputs is None else frozenset(outputs)
+        if not want <= OPTIONAL_OUTPUTS:
+            raise ValueError(f"unknown outputs {sorted(want - OPTIONAL_OUTPUTS)}; choose from {sorted(OPTIONAL_OUTPUTS)}")
         vol = self._check_volume(volume)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -250,7 +264,9 @@ class VolumeTranslator:
         norm = np.asarray(src_preset.forward(vol.array), dtype=np.float32)
         body = mask_arrays.get(BODY)
         if body is None:
-            body = body_mask(vol, src_preset)
+            # holes never change the crop box: fill them only when the body is a region or a mask
+            whole_body = ref is not None or "consistency" in want or self.capabilities.uses_masks
+            body = body_mask(vol, src_preset, fill_holes=whole_body)
         axis = self.axis
         rows_ax, cols_ax = _IN_PLANE[axis]
         spacing_zyx = vol.spacing[::-1]
@@ -313,7 +329,7 @@ class VolumeTranslator:
         loop_seconds = time.perf_counter() - t_loop
 
         result = self._assemble(vol, ref, mask_arrays, body, src_preset, tgt_preset, norm, out, unc, conf,
-                                first, last)
+                                first, last, want)
         result.info = {
             "device": str(self.device), "precision": self.precision, "batch_size": int(batch),
             "oom_retries": retries, "seed": int(seed), "shared_noise": self.shared_noise,
@@ -469,7 +485,8 @@ class VolumeTranslator:
     # -- results ----------------------------------------------------------------------------
     def _assemble(self, vol: mio.Volume, ref: mio.Volume | None, masks: dict[str, np.ndarray], body: np.ndarray,
                   src_preset: IntensityPreset, tgt_preset: IntensityPreset, norm: np.ndarray, out: np.ndarray,
-                  unc: np.ndarray | None, conf: np.ndarray | None, first: int, last: int) -> Result:
+                  unc: np.ndarray | None, conf: np.ndarray | None, first: int, last: int,
+                  want: frozenset[str] = OPTIONAL_OUTPUTS) -> Result:
         axis = self.axis
         n = vol.shape[axis]
         in_range = np.zeros(n, dtype=bool)
@@ -482,22 +499,29 @@ class VolumeTranslator:
             return mio.Volume(arr, vol.spacing, vol.origin, vol.direction, source=f"{vol.source} ({suffix})")
 
         synthetic = np.asarray(tgt_preset.inverse(np.moveaxis(out, 0, axis)), dtype=np.float32)
-        baseline = identity_baseline(vol.array, src_preset, tgt_preset, norm)
-        diff = np.where(slab, difference_map(synthetic, baseline), 0.0).astype(np.float32)
-        result = Result(synthetic=volume(synthetic, "synthetic"), difference=volume(diff, "difference"),
-                        slice_range=(first, last), axis=axis, confidence=conf)
-        if unc is not None:
+        result = Result(synthetic=volume(synthetic, "synthetic"), slice_range=(first, last), axis=axis,
+                        confidence=conf)
+        baseline = None
+        if "difference" in want or (ref is not None and self.baseline_metrics):
+            baseline = identity_baseline(vol.array, src_preset, tgt_preset, norm)
+        if "difference" in want:
+            result.difference = volume(np.where(slab, difference_map(synthetic, baseline), 0.0).astype(np.float32),
+                                       "difference")
+        if unc is not None and "uncertainty" in want:
             lo, hi = tgt_preset.physical_range
             kind = self.capabilities.uncertainty
             result.uncertainty = volume(uncertainty_to_physical(np.moveaxis(unc, 0, axis), (hi - lo) / 2.0, kind),
                                         "uncertainty")
             result.uncertainty_kind = kind
         ref_array = None if ref is None else ref.array
-        result.consistency = consistency_report(synthetic, ref_array, axis=axis, mask=body,
-                                                slice_range=(first, last))
+        if "consistency" in want:
+            result.consistency = consistency_report(synthetic, ref_array, axis=axis, mask=body,
+                                                    slice_range=(first, last))
         if ref is not None:
-            result.reference_difference = volume(
-                np.where(slab, difference_map(synthetic, ref_array), 0.0).astype(np.float32), "reference difference")
+            if "reference_difference" in want:
+                result.reference_difference = volume(
+                    np.where(slab, difference_map(synthetic, ref_array), 0.0).astype(np.float32),
+                    "reference difference")
             value_range = SYNTHRAD_CT_RANGE if tgt_preset.HOUNSFIELD else None
             regions: dict[str, Any] = {WHOLE: None if (first, last) == (0, n) else slab, BODY: body & slab}
             for name in ordered_regions([m for m in masks if m != BODY], self.roi_names):

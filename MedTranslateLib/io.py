@@ -388,9 +388,21 @@ def _nifti_header(head: bytes, source: str) -> dict | None:
             "srow": np.asarray(srow, dtype=np.float64).reshape(3, 4)}
 
 
+def _gzip_size(path: Path) -> int | None:
+    """The uncompressed size (mod 2^32) a gzip file's trailer states: a truncated stream has no
+    trailer, so its last four bytes match the expected size only by a 2^-32 chance."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            return struct.unpack("<I", fh.read(4))[0]
+    except (OSError, struct.error):
+        return None
+
+
 def _check_nifti(path: Path) -> None:
     """What ITK's NIfTI reader does not say: a header whose data the file does not hold (header
-    only, cut short, ``vox_offset`` past the end, a truncated gzip stream: ITK reads zeros), a
+    only, cut short, ``vox_offset`` past the end, a truncated gzip stream: ITK reads zeros; for
+    a .gz of integer voxels the gzip trailer's length is checked instead of inflating twice), a
     pixel spacing of 0 or NaN (ITK makes it 1 mm), a sheared or scaled sform (ITK orthogonalises
     it), an image too large for memory, and NaN/Inf voxels (ITK turns NaN into 0). One pass over
     the file; every problem is a ValueError naming it."""
@@ -437,9 +449,11 @@ def _check_nifti(path: Path) -> None:
                 if have < nbytes:
                     raise ValueError(f"{source}: the file is truncated: the header declares {nbytes:,} bytes of voxel "
                                      f"data at offset {offset}, the file holds {max(have, 0):,}")
-            f.seek(offset)
             dtype = (np.dtype(header["endian"] + _NIFTI_FLOAT_TYPES[header["datatype"]])
                      if header["datatype"] in _NIFTI_FLOAT_TYPES else None)
+            if gz and dtype is None and _gzip_size(path) == (offset + nbytes) % 2**32:
+                return  # integer voxels (finite) and the stream's own length agrees: no second pass
+            f.seek(offset)
             n_nan = n_inf = 0
             left, chunk = nbytes, 1 << 24
             while left > 0:
@@ -876,7 +890,10 @@ class OutputSet:
         return private_temp_dir(path.parent, path.name)
 
     def add_volume(self, volume: Volume, path: str | os.PathLike, *, modality: str = "CT",
-                   compress: bool = True) -> None:
+                   compress: bool = True, level: int | None = None) -> None:
+        """Stage ``volume`` for ``path`` (see ``write_volume``); ``level``: the compression level
+        (1 fastest .. 9 smallest; None: the writer's default) of .nrrd / .mha / .mhd / .nhdr (ITK's
+        NIfTI writer has one level of its own; a .nii is the fast choice)."""
         if not isinstance(volume, Volume):
             raise TypeError(f"write_volume expects a Volume, got {type(volume).__name__}")
         path = Path(path)
@@ -903,7 +920,8 @@ class OutputSet:
         self._staged.append((tmp, staged, path, True))
         try:
             with _native_output():
-                sitk.WriteImage(volume.to_sitk(), str(staged), useCompression=compress)
+                sitk.WriteImage(volume.to_sitk(), str(staged), useCompression=compress,
+                                compressionLevel=-1 if level is None else int(level))
         except RuntimeError as exc:
             raise ValueError(f"{path}: cannot write image: {_sitk_error(exc)}") from exc
         # Header+data formats (.mhd/.nhdr) write a data file beside the header: it moves too.
@@ -952,7 +970,7 @@ class OutputSet:
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, modality: str = "CT",
-                 compress: bool = True) -> Path:
+                 compress: bool = True, level: int | None = None) -> Path:
     """Write ``volume`` and return the written path.
 
     A path ending in .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd is written as that format (float32); an
@@ -969,6 +987,6 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, modality: str = "CT
     the same physical image with a right-handed direction.
     """
     with OutputSet() as outputs:
-        outputs.add_volume(volume, path, modality=modality, compress=compress)
+        outputs.add_volume(volume, path, modality=modality, compress=compress, level=level)
         outputs.commit()
     return Path(path)

@@ -343,3 +343,24 @@ def test_bad_numbers_are_one_line(args, expect, bundle, case, tmp_path, capsys):
                   "--output", str(tmp_path / "o.nii.gz"), *args])
     out, err = capsys.readouterr()
     assert info.value.code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_threads_and_compression_level_options(bundle, case, tmp_path, capsys):
+    import torch
+
+    base = ["--model", bundle, "--input", case / "ct.nii.gz", "--device", "cpu", "--seed", "1"]
+    before = torch.get_num_threads()
+    try:
+        assert run([*base, "--output", tmp_path / "fast.nrrd", "--compression-level", "1", "--threads", "1"],
+                   capsys)[0] == 0
+        assert torch.get_num_threads() == 1
+        assert run([*base, "--output", tmp_path / "small.nrrd", "--compression-level", "9"], capsys)[0] == 0
+    finally:
+        torch.set_num_threads(before)
+    fast, small = tmp_path / "fast.nrrd", tmp_path / "small.nrrd"
+    assert fast.stat().st_size > small.stat().st_size
+    np.testing.assert_array_equal(io.read_volume(fast).array, io.read_volume(small).array)
+    for bad in (["--threads", "0"], ["--compression-level", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(["translate", *map(str, base), "--output", str(tmp_path / "x.nii.gz"), *bad])
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -510,3 +510,47 @@ def test_channels_last_falls_back_to_contiguous_for_methods_that_need_it(det_bun
     tr.method.translate = lambda source, **kw: (_ for _ in ()).throw(RuntimeError("broken method"))
     with pytest.raises(RuntimeError, match="broken method"):
         tr.translate(vol)
+
+
+def test_only_the_asked_outputs_are_computed_and_the_synthetic_is_the_same(tmp_path):
+    """Issue 14: a plain translate computes no difference, uncertainty or consistency."""
+    from MedTranslateLib import maps
+    from MedTranslateLib.bundle import load_bundle
+    from MedTranslateLib.engine import OPTIONAL_OUTPUTS, VolumeTranslator
+
+    translator = VolumeTranslator(load_bundle(make_bundle(tmp_path / "b")), device="cpu", batch_size=4)
+    vol = ct_volume()
+    ref = vol.with_array(vol.array + 30)
+    full = translator.translate(vol, reference=ref, num_samples=2, seed=3)
+    calls = []
+    real = maps.consistency_report
+    try:
+        maps.consistency_report = lambda *a, **k: calls.append(1) or real(*a, **k)
+        bare = translator.translate(vol, reference=ref, num_samples=2, seed=3, outputs=())
+    finally:
+        maps.consistency_report = real
+    assert full.difference is not None and full.uncertainty is not None and full.consistency
+    assert full.reference_difference is not None
+    assert bare.difference is None and bare.uncertainty is None and bare.reference_difference is None
+    assert bare.consistency == {} and calls == []
+    np.testing.assert_array_equal(bare.synthetic.array, full.synthetic.array)
+    assert bare.metrics == full.metrics  # the metrics come with a reference, whatever was asked
+    some = translator.translate(vol, num_samples=2, seed=3, outputs={"uncertainty"})
+    np.testing.assert_array_equal(some.uncertainty.array, full.uncertainty.array)
+    assert some.difference is None
+    with pytest.raises(ValueError, match="unknown outputs"):
+        translator.translate(vol, outputs={"heatmap"})
+    assert OPTIONAL_OUTPUTS == {"difference", "reference_difference", "uncertainty", "consistency"}
+
+
+def test_body_mask_holes_never_change_the_crop_box():
+    from MedTranslateLib.data import SliceGeometry, body_mask
+
+    vol = ct_volume(shape=(6, 40, 48))
+    arr = vol.array.copy()
+    arr[:, 18:24, 14:22] = -1000.0  # a hole (air) inside the body
+    vol = vol.with_array(arr)
+    filled, unfilled = body_mask(vol), body_mask(vol, fill_holes=False)
+    assert filled.sum() > unfilled.sum()
+    boxes = [SliceGeometry.from_mask(m.any(axis=0), 64).box for m in (filled, unfilled)]
+    assert boxes[0] == boxes[1]

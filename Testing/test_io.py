@@ -389,6 +389,10 @@ def test_truncated_and_inconsistent_files_are_refused(tmp_path):
     gz = gzip.compress(data)
     (tmp_path / "truncated.nii.gz").write_bytes(gz[: len(gz) // 2])
     (tmp_path / "short_stream.nii.gz").write_bytes(gzip.compress(data[: offset + 40]))
+    int16 = tmp_path / "int16.nii.gz"  # integer voxels: the gzip trailer is checked, no second inflate
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(480, dtype=np.int16).reshape(6, 8, 10)), str(int16))
+    packed = int16.read_bytes()
+    (tmp_path / "truncated_int16.nii.gz").write_bytes(packed[: len(packed) * 2 // 3])
     image = sitk.GetImageFromArray(np.ones((6, 8, 10), np.float32))
     for name in ("raw.mha", "raw.nrrd"):
         sitk.WriteImage(image, str(tmp_path / name), useCompression=False)
@@ -396,13 +400,15 @@ def test_truncated_and_inconsistent_files_are_refused(tmp_path):
         (tmp_path / f"cut_{name}").write_bytes(whole[:-100])
     expected = {"header_only.nii": "truncated", "cut_on_voxel.nii": "truncated", "cut_mid_voxel.nii": "truncated",
                 "offset_past_end.nii": "truncated", "truncated.nii.gz": "gzip stream is truncated",
-                "short_stream.nii.gz": "truncated", "cut_raw.mha": "truncated", "cut_raw.nrrd": "cannot read"}
+                "short_stream.nii.gz": "truncated", "truncated_int16.nii.gz": "truncated",
+                "cut_raw.mha": "truncated", "cut_raw.nrrd": "cannot read"}
     for name, problem in expected.items():
         with pytest.raises(ValueError, match=problem) as info:
             read_volume(tmp_path / name)
         message = str(info.value)
         assert message.startswith(str(tmp_path / name)) and "\n" not in message, message
-    assert read_volume(ok).shape == (6, 8, 10)  # the intact file still reads
+    assert read_volume(ok).shape == (6, 8, 10)  # the intact files still read
+    assert np.array_equal(read_volume(int16).array.ravel(), np.arange(480))
 
 
 def test_geometry_is_never_changed_silently(tmp_path):
