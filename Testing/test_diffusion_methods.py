@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_engine
 import torch
 from torch import nn
 
@@ -315,7 +316,7 @@ def test_latent_training_run_loads_the_autoencoder_and_writes_a_self_contained_b
 #: differently at another batch size (oneDNN takes other convolution kernels for a batch of one):
 #: ~1e-7 in [-1, 1] units, ~1e-3 HU at most, where different noise moves voxels by tens of HU.
 ROUNDING = 1e-5
-ROUNDING_HU = 0.01
+ROUNDING_HU = test_engine.ROUNDING_HU
 
 def test_schedulers_draw_each_element_from_its_own_generator():
     """``generator`` may be one generator per batch element: element b's noise is what it would
@@ -398,18 +399,13 @@ def small_ct(n: int = 9, *, identical_slices: bool = False):
 
 
 def _translator(bundle, batch_size, *, oom_above=None, **kw):
+    from test_engine import _simulate_oom_above
+
     from MedTranslateLib import engine
 
     tr = engine.VolumeTranslator(bundle, device="cpu", batch_size=batch_size, **kw)
     if oom_above is not None:
-        real = tr.method.translate
-
-        def limited(source, **kwargs):
-            if source.shape[0] > oom_above:
-                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return real(source, **kwargs)
-
-        tr.method.translate = limited
+        _simulate_oom_above(tr, oom_above)
     return tr
 
 
@@ -428,20 +424,11 @@ def test_engine_same_seed_same_volume_whatever_the_batching(name, num_samples, t
                                                                              **kw)
         return res.synthetic.array, (None if res.uncertainty is None else res.uncertainty.array), res.info
 
-    whole, unc, _ = run(8)
-    assert (unc is not None) == (num_samples > 1)
-    same = dict(rtol=0, atol=ROUNDING_HU)
-    for bs in (1, 3):
-        syn, u, _ = run(bs)
-        np.testing.assert_allclose(syn, whole, **same)
-        if unc is not None:
-            np.testing.assert_allclose(u, unc, **same)
-    part, _, _ = run(3, slice_range=(2, 7))
-    np.testing.assert_allclose(part[2:7], whole[2:7], **same)
-    syn, _, info = run(8, oom_above=2)
-    assert info["oom_retries"] == 2 and info["batch_size"] == 2
-    np.testing.assert_allclose(syn, whole, **same)
-    assert np.abs(run(8, seed=4)[0] - whole).max() > 1.0  # the noise matters (HU)
+    from test_engine import assert_same_volume_whatever_the_batching
+
+    assert (run(8)[1] is not None) == (num_samples > 1)
+    assert run(8, oom_above=2)[2]["batch_size"] == 2
+    assert_same_volume_whatever_the_batching(run, (2, 7), other_seed=4)
 
 
 @pytest.mark.parametrize("name", ["bbdm", "resshift"])

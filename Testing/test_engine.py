@@ -205,20 +205,8 @@ def test_same_seed_same_volume_whatever_the_batch_size_slice_range_or_oom(bundle
         res = tr.translate(vol, seed=seed, num_samples=num_samples, **kwargs)
         return res.synthetic.array, (None if res.uncertainty is None else res.uncertainty.array), res.info
 
-    same = dict(rtol=0, atol=ROUNDING_HU)
-    whole, unc, _ = run(8)
-    assert (unc is not None) == (num_samples > 1)
-    for bs in (1, 3):
-        syn, u, _ = run(bs)
-        np.testing.assert_allclose(syn, whole, **same)
-        if unc is not None:
-            np.testing.assert_allclose(u, unc, **same)
-    part, _, _ = run(3, slice_range=(3, 9))
-    np.testing.assert_allclose(part[3:9], whole[3:9], **same)
-    syn, _, info = run(8, oom_above=2)
-    assert info["oom_retries"] == 2
-    np.testing.assert_allclose(syn, whole, **same)
-    assert np.abs(run(8, seed=10)[0] - whole).max() > 1.0  # the dropout noise matters (HU)
+    assert (run(8)[1] is not None) == (num_samples > 1)
+    assert_same_volume_whatever_the_batching(run, (3, 9), other_seed=10)
 
 
 def test_shared_noise_is_one_noise_for_every_slice(bundle_path):
@@ -554,3 +542,23 @@ def test_body_mask_holes_never_change_the_crop_box():
     assert filled.sum() > unfilled.sum()
     boxes = [SliceGeometry.from_mask(m.any(axis=0), 64).box for m in (filled, unfilled)]
     assert boxes[0] == boxes[1]
+
+
+def assert_same_volume_whatever_the_batching(run, part: tuple[int, int], other_seed: int) -> None:
+    """``run(batch_size, oom_above=None, seed=..., **translate_kwargs) -> (synthetic, uncertainty,
+    info)``: batch sizes 8, 1 and 3, a slice range and a simulated out-of-memory back-off give the
+    same volume (to ``ROUNDING_HU``), and another seed a different one."""
+    same = dict(rtol=0, atol=ROUNDING_HU)
+    whole, unc, _ = run(8)
+    for bs in (1, 3):
+        syn, u, _ = run(bs)
+        np.testing.assert_allclose(syn, whole, **same)
+        if unc is not None:
+            np.testing.assert_allclose(u, unc, **same)
+    first, last = part
+    sub, _, _ = run(3, slice_range=part)
+    np.testing.assert_allclose(sub[first:last], whole[first:last], **same)
+    syn, _, info = run(8, oom_above=2)
+    assert info["oom_retries"] == 2
+    np.testing.assert_allclose(syn, whole, **same)
+    assert np.abs(run(8, seed=other_seed)[0] - whole).max() > 1.0  # the noise matters (HU)
