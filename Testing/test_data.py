@@ -341,3 +341,23 @@ def test_unpaired_accepts_single_modality_cases_and_needs_two(tmp_path):
     with pytest.raises(ValueError, match="another case"):
         UnpairedSliceDataset([tmp_path / "c"], "t1", "t2", "mr_percentile", "mr_zscore",
                              SliceSpec(size=8), masks=())
+
+
+def test_body_mask_opening_is_ndimage_binary_opening():
+    """The opening is written as minimum/maximum filters for speed: the same mask as
+    ``ndimage.binary_opening`` with a 3x3 in-plane square, borders included."""
+    from scipy import ndimage
+
+    from MedTranslateLib import io as mio
+    from MedTranslateLib.data import body_mask
+
+    rng = np.random.default_rng(3)
+    for trial in range(4):
+        hu = np.where(rng.random((6, 24, 30)) > 0.35, 40.0, -1000.0).astype(np.float32)
+        expected = ndimage.binary_opening(hu > -500.0, structure=np.ones((1, 3, 3), bool))
+        labels, n = ndimage.label(expected)
+        if n > 1:
+            sizes = ndimage.sum_labels(expected, labels, index=np.arange(1, n + 1))
+            expected = labels == int(np.argmax(sizes)) + 1
+        got = body_mask(mio.Volume(hu), fill_holes=False)
+        assert np.array_equal(got, expected), trial
