@@ -403,9 +403,7 @@ def write_json(obj: Any, path: Path) -> Path:
 def write_outputs(items: Sequence[tuple[Any, Path]], modality: str, *, level: int | None = None) -> list[Path]:
     """Write volumes / JSON documents all or nothing (``io.OutputSet``): each is staged next to its
     target and all are moved into place at the end; a failure (or an interrupt) leaves the
-    previous outputs as they were. ``level``: compression level of compressed formats (0..9)."""
-    import json
-
+    previous outputs as they were. ``level``: compression level of compressed formats (1..9)."""
     from . import io
 
     with io.OutputSet() as outputs:
@@ -413,8 +411,7 @@ def write_outputs(items: Sequence[tuple[Any, Path]], modality: str, *, level: in
             if isinstance(obj, io.Volume):
                 outputs.add_volume(obj, path, modality=modality, level=level)
             else:
-                outputs.add_file(lambda staged, obj=obj: staged.write_text(json.dumps(obj, indent=2) + "\n",
-                                                                           encoding="utf-8"), path)
+                outputs.add_file(lambda staged, obj=obj: write_json(obj, staged), path)
         return outputs.commit()
 
 

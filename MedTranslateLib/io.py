@@ -568,8 +568,9 @@ def read_volume(path: str | os.PathLike) -> Volume:
                     image = _read_dicom_file(path)
                 elif ext in FILE_EXTENSIONS:
                     if ext in (".nii", ".nii.gz"):
-                        _check_nifti(path)
-                    _check_header_memory(path)
+                        _check_nifti(path)  # the memory check from its header too
+                    else:
+                        _check_header_memory(path)
                     image = sitk.ReadImage(str(path))
                 else:
                     raise ValueError(f"{source}: unsupported file type {ext or '(no extension)'!r}; "
