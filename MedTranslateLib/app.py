@@ -298,28 +298,33 @@ class TranslationOutcome:
 
 def phantom_case(phantom_case: Any, source: str, target: str | None = None) -> Case:
     """A ``cases.Case`` from a generated ``phantom.PhantomCase``: its ``source`` image, its ROI
-    masks (liver, tumor), the body from its label map, and its ``target`` image as the reference
+    masks (liver, tumor), the body and the label regions (aorta, kidney) from its label map, and
+    its ``target`` image as the reference
     (the demo, the Slicer sample data, a web front end's sample case). KeyError names a modality
     the phantom does not render."""
-    from .cases import BODY_LABELS, Case
+    from .cases import BODY_LABELS, Case, label_region_masks
     from .regions import BODY
 
     if source not in phantom_case.images:
         raise KeyError(f"the phantom has no {source!r} image")
     masks = {name: m.array > 0 for name, m in phantom_case.masks.items() if name != BODY_LABELS}
-    masks[BODY] = phantom_case.masks[BODY_LABELS].array > 0
+    labels = phantom_case.masks[BODY_LABELS].array
+    masks[BODY] = labels > 0
+    masks.update(label_region_masks(labels, phantom_case.info.get("regions", {})))
     reference = phantom_case.images.get(target) if target else None
     return Case(f"phantom seed {phantom_case.seed}", phantom_case.images[source], masks, reference)
 
 
 def _slice_range(request: TranslationRequest, translator: Any) -> tuple[int, int] | str | None:
     from .engine import mask_slice_range
-    from .regions import BODY
+    from .regions import BODY, LABEL_REGIONS
 
     slices = request.options.slices
     if slices != ALL_ROIS:
         return slices
-    rois = [m for name, m in request.case.masks.items() if name != BODY]
+    # the model's ROIs, not the evaluation regions a case's label map gives (the whole aorta)
+    rois = [m for name, m in request.case.masks.items()
+            if name != BODY and (name not in LABEL_REGIONS or name in translator.roi_names)]
     if not rois:
         raise UserError(f"{request.source_name}: 'only the ROI slices' needs an ROI mask "
                         f"({', '.join(translator.roi_names)})")

@@ -3,7 +3,10 @@
 A *case folder* holds one file per modality and per mask, named by its stem: ``ct.nii.gz``,
 ``cta_arterial.nrrd``, ``t1.mha``, ``liver.nii.gz``, ``tumor.nii.gz``, ``labels.nii.gz``
 (0 = outside the body), ... Any extension ``io.read_volume`` reads works, and a sub-folder named
-after the stem is read as a DICOM series.
+after the stem is read as a DICOM series. Beside the label map, ``regions.json`` may say which of
+its values form each *label region* (``regions.LABEL_REGIONS``: aorta, kidney), e.g.
+``{"aorta": [8], "kidney": [12, 13]}``; the phantom writes one, so evaluation can judge a model
+where contrast appears.
 
 - ``find_cases`` / ``find_volume_file``: discovery; ``split_cases``: the deterministic split;
   ``model_split``: which cases a model trained on, validated on and was tested on (training and
@@ -12,6 +15,8 @@ after the stem is read as a DICOM series.
   a folder, ``CaseFiles.single`` names files given one by one (the CLI's flags, a GUI).
 - ``Case``: the volumes, read (``read_case``): source, masks by name on the source grid,
   reference.
+- ``read_region_table`` / ``write_region_table`` / ``label_region_masks``: the label regions of
+  a case.
 
 torch-free (numpy, SimpleITK through ``io``): the Slicer panel and the CLI use it before any
 model is loaded.
@@ -19,6 +24,7 @@ model is loaded.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,16 +34,19 @@ from pathlib import Path
 import numpy as np
 
 from . import io as mio
-from .regions import BODY, DEFAULT_ROIS
+from .regions import BODY, DEFAULT_ROIS, LABEL_REGIONS
 
-__all__ = ["BODY_LABELS", "volume_stem", "find_volume_file", "find_cases", "split_cases", "SPLITS",
-           "model_split", "CaseFiles", "case_files", "find_case_files", "Case", "read_case"]
+__all__ = ["BODY_LABELS", "REGION_TABLE", "volume_stem", "find_volume_file", "find_cases", "split_cases", "SPLITS",
+           "model_split", "read_region_table", "write_region_table", "label_region_masks", "CaseFiles",
+           "case_files", "find_case_files", "Case", "read_case"]
 
 #: The splits of ``split_cases``, in order.
 SPLITS = ("train", "val", "test")
 
 #: Stem of the label map whose non-zero voxels are the body.
 BODY_LABELS = "labels"
+#: File beside the label map: label region name -> the label values that form it (JSON).
+REGION_TABLE = "regions.json"
 
 
 def volume_stem(path: Path) -> str | None:
@@ -150,17 +159,64 @@ def model_split(root: str | os.PathLike, source: str, target: str, *, paired: bo
 
 
 # ---------------------------------------------------------------------------------------------
+# label regions
+# ---------------------------------------------------------------------------------------------
+def read_region_table(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The label regions of a case folder from its ``REGION_TABLE``: name -> label values, in
+    ``LABEL_REGIONS`` order; {} when the folder has no table. ValueError names the file when it
+    is not a JSON object mapping label region names to lists of positive integers."""
+    path = Path(folder) / REGION_TABLE
+    if not path.is_file():
+        return {}
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON region table ({exc})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: expected an object of region name -> label values")
+    unknown = sorted(set(table) - set(LABEL_REGIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown label regions {', '.join(unknown)}; known: {', '.join(LABEL_REGIONS)}")
+    out = {}
+    for name in (r for r in LABEL_REGIONS if r in table):
+        values = table[name]
+        if (not isinstance(values, list) or not values
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)):
+            raise ValueError(f"{path}: {name!r} must be a non-empty list of label values > 0, got {values!r}")
+        out[name] = tuple(values)
+    return out
+
+
+def write_region_table(folder: str | os.PathLike, table: Mapping[str, Sequence[int]]) -> Path:
+    """Write ``REGION_TABLE`` (label region name -> label values) into ``folder``; returns its path."""
+    path = Path(folder) / REGION_TABLE
+    path.write_text(json.dumps({name: [int(v) for v in values] for name, values in table.items()}, indent=2) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def label_region_masks(labels: np.ndarray, table: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray]:
+    """name -> (z, y, x) bool: the voxels of the label map ``labels`` holding one of the
+    region's values (``table``: ``read_region_table``)."""
+    labels = np.asarray(labels)
+    return {name: np.isin(labels, np.asarray(values, dtype=labels.dtype)) for name, values in table.items()}
+
+
+# ---------------------------------------------------------------------------------------------
 # one case
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class CaseFiles:
     """The files of one case: ``source`` volume, optional ``reference`` (the real target), and
-    masks by name (ROI names, plus ``body`` for the label map whose non-zero voxels are the body)."""
+    masks by name (ROI names, plus ``body`` for the label map whose non-zero voxels are the body).
+    ``label_regions``: name -> values of the ``body`` label map that form it (``read_region_table``);
+    ``read_case`` adds their masks."""
 
     name: str
     source: Path
     reference: Path | None = None
     masks: dict[str, Path] = field(default_factory=dict)
+    label_regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @classmethod
     def single(cls, source: str | os.PathLike, *, reference: str | os.PathLike | None = None,
@@ -178,9 +234,11 @@ class CaseFiles:
 
 
 def case_files(folder: str | os.PathLike, source: str, target: str | None,
-               roi_names: Iterable[str] = DEFAULT_ROIS, *, name: str | None = None) -> CaseFiles:
+               roi_names: Iterable[str] = DEFAULT_ROIS, *, name: str | None = None,
+               label_regions: bool = False) -> CaseFiles:
     """The ``CaseFiles`` of a case folder: ``<source>.*``, ``<target>.*`` when present, one mask per
-    ROI name present, and ``labels.*`` as the ``body`` mask. ValueError when the source is missing."""
+    ROI name present, and ``labels.*`` as the ``body`` mask; with ``label_regions``, the folder's
+    region table too (when it has a label map). ValueError when the source is missing."""
     folder = Path(folder)
     src = find_volume_file(folder, source)
     if src is None:
@@ -191,7 +249,8 @@ def case_files(folder: str | os.PathLike, source: str, target: str | None,
         if path is not None:
             masks[roi] = path
     ref = find_volume_file(folder, target) if target else None
-    return CaseFiles(name=name or folder.name, source=src, reference=ref, masks=masks)
+    table = read_region_table(folder) if label_regions and BODY in masks else {}
+    return CaseFiles(name=name or folder.name, source=src, reference=ref, masks=masks, label_regions=table)
 
 
 def find_case_files(root: str | os.PathLike, source: str, target: str | None,
@@ -211,7 +270,8 @@ def find_case_files(root: str | os.PathLike, source: str, target: str | None,
 @dataclass
 class Case:
     """One case in memory. ``masks``: name -> (z, y, x) bool on the source grid (``body`` among
-    them when the case has a label map); ``reference``: the real target on the source grid, or None."""
+    them when the case has a label map, and its label regions when they were asked for);
+    ``reference``: the real target on the source grid, or None."""
 
     name: str
     source: mio.Volume
@@ -226,9 +286,15 @@ class Case:
 
 def read_case(files: CaseFiles) -> Case:
     """Read a case: masks (nearest neighbour) and the reference (linear) onto the source grid
-    when their geometry differs. Read errors name the file (``io``)."""
+    when their geometry differs; the label regions' masks from the ``body`` label map. Read
+    errors name the file (``io``)."""
     src = mio.read_volume(files.source)
-    masks = {name: mio.read_mask(path, like=src).array > 0.5 for name, path in files.masks.items()}
+    masks = {}
+    for name, path in files.masks.items():
+        labels = mio.read_mask(path, like=src).array
+        masks[name] = labels > 0.5
+        if name == BODY:
+            masks.update(label_region_masks(labels, files.label_regions))
     ref = None
     if files.reference is not None:
         ref = mio.read_volume(files.reference)

@@ -5,7 +5,9 @@ split training made) is read by ``cases.read_case`` and translated by ``app.run_
 same volume translation users get: source preset, the training's slice spec, batched slices,
 target preset inverse) with its reference. Metrics (``metrics.roi_metrics``: MAE, PSNR, SSIM,
 RMSE in physical units; SynthRAD2023 conventions with the -1024..3000 HU range for CT targets)
-cover the regions of ``regions.metric_regions`` (whole, body, the model's ROIs). The *identity*
+cover the regions of ``regions.metric_regions`` (whole, body, the model's ROIs), then the case's
+label regions (``regions.LABEL_REGIONS``: aorta, kidney -- where a CT -> CTA model has contrast
+to add) when its folder has a region table (``cases.read_region_table``; phantom cases do). The *identity*
 baseline (``engine.identity_baseline``: the source with no model, in the target's units -- for
 CT -> CT the source HU themselves, otherwise the source through both presets) is measured the
 same way, so the table shows what the model adds. No Lightning here.
@@ -27,14 +29,14 @@ from . import app
 from . import data as mdata
 from .cases import SPLITS, Case, case_files, model_split, read_case
 from .intensity import preset_from_config
-from .regions import BODY, DEFAULT_ROIS, metric_regions, ordered_regions
+from .regions import BODY, DEFAULT_ROIS, LABEL_REGIONS, metric_regions, ordered_regions
 
 __all__ = ["REGIONS", "METRICS", "EvaluationResult", "load_case", "evaluate_case", "evaluate_bundle",
            "summarise", "write_table", "case_figure", "bundle_split"]
 
-#: Regions of the table for the default ROIs (``regions.metric_regions``; a case without a tumour
-#: has no tumour rows).
-REGIONS = metric_regions(DEFAULT_ROIS)
+#: Regions of the table for the default ROIs (``regions.metric_regions``) and the label regions
+#: (a case without a tumour has no tumour rows; a case without a region table no label region rows).
+REGIONS = (*metric_regions(DEFAULT_ROIS), *LABEL_REGIONS)
 METRICS = ("mae", "psnr", "ssim", "rmse")
 
 
@@ -42,9 +44,10 @@ METRICS = ("mae", "psnr", "ssim", "rmse")
 # one case
 # ---------------------------------------------------------------------------------------------
 def load_case(case: Path, source: str, target: str, roi_names: Sequence[str] = DEFAULT_ROIS) -> Case:
-    """Read source, reference and masks of a case folder (``cases.read_case``); a case without a
-    body label map gets one from the source's intensities (``data.body_mask``)."""
-    files = case_files(case, source, target, roi_names)
+    """Read source, reference and masks of a case folder (``cases.read_case``), with the masks of
+    its label regions; a case without a body label map gets one from the source's intensities
+    (``data.body_mask``)."""
+    files = case_files(case, source, target, roi_names, label_regions=True)
     if files.reference is None:
         raise ValueError(f"{case}: no {target!r} volume")
     loaded = read_case(files)

@@ -268,8 +268,12 @@ def test_write_case_folder_is_all_or_nothing(case_root, tmp_path):
 def test_phantom_case_is_a_case_with_rois_body_and_reference():
     ph = phantom.generate_case(3, phantom.PhantomConfig(shape=(16, 32, 32), tumor_count=(1, 1)))
     case = app.phantom_case(ph, "ct", "cta_arterial")
-    assert set(case.masks) == {"liver", "tumor", regions.BODY} and case.reference is ph.images["cta_arterial"]
+    assert set(case.masks) == {"liver", "tumor", regions.BODY, *regions.LABEL_REGIONS}
+    assert case.reference is ph.images["cta_arterial"]
     assert case.masks[regions.BODY].sum() > case.masks["liver"].sum() > case.masks["tumor"].sum() > 0
+    labels = ph.masks["labels"].array
+    for name, values in ph.info["regions"].items():  # the phantom's own label numbers
+        assert np.array_equal(case.masks[name], np.isin(labels, values)) and case.masks[name].any()
     assert app.phantom_case(ph, "t1").reference is None
     with pytest.raises(KeyError, match="no 'pet' image"):
         app.phantom_case(ph, "pet")

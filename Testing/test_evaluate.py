@@ -1,7 +1,8 @@
 """training/evaluate.py and MedTranslateLib.evaluation: metrics table, figures, one-line errors.
 
 Uses an untrained tiny pix2pix bundle (evaluation does not care how good the model is) on three
-freshly generated phantom cases of 16 x 48 x 48.
+freshly generated phantom cases of 16 x 48 x 48. Regions: whole, body, the model's ROIs, then the
+label regions (aorta, kidney) of cases whose folder says which labels form them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATE = ROOT / "training" / "evaluate.py"
+METRIC_NAMES = ("mae", "psnr", "ssim", "rmse")
 
 
 def evaluate_main():
@@ -61,6 +63,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def test_table_and_figures_for_every_case(phantom_root, bundle, tmp_path, capsys):
     import matplotlib.image
 
+    from MedTranslateLib.regions import LABEL_REGIONS, metric_regions
+
+    regions = [*metric_regions(), *LABEL_REGIONS]  # the default ROIs, then the label regions
     out = tmp_path / "eval"
     assert evaluate_main()(["--bundle", str(bundle), "--data", str(phantom_root), "--out", str(out),
                             "--split", "all", "--device", "cpu", "--batch-size", "5"]) == 0
@@ -70,21 +75,21 @@ def test_table_and_figures_for_every_case(phantom_root, bundle, tmp_path, capsys
     rows = read_rows(out / "metrics.csv")
     assert list(rows[0]) == ["case", "method", "region", "mae", "psnr", "ssim", "rmse"]
     cases = sorted(p.name for p in phantom_root.iterdir())
-    # every case: model and identity, each over whole / body / liver / tumor
-    assert len(rows) == len(cases) * 2 * 4
-    assert {(r["case"], r["method"], r["region"]) for r in rows} == {
-        (c, m, g) for c in cases for m in ("model", "identity") for g in ("whole", "body", "liver", "tumor")}
+    # every case: model then identity, each over the regions in the order regions.py gives
+    assert [(r["case"], r["method"], r["region"]) for r in rows] == [
+        (c, m, g) for c in cases for m in ("model", "identity") for g in regions]
     for r in rows:
-        values = {k: float(r[k]) for k in ("mae", "psnr", "ssim", "rmse")}
+        values = {k: float(r[k]) for k in METRIC_NAMES}
         assert all(math.isfinite(v) for v in values.values()), r
         assert 0 < values["mae"] <= values["rmse"] and -1 <= values["ssim"] <= 1
 
     md = (out / "metrics.md").read_text()
     assert "MAE and RMSE in HU" in md and "## Per case" in md
+    summary = md.split("## Per case")[0].splitlines()
     for method in ("model", "identity"):
-        for region in ("whole", "body", "liver", "tumor"):
-            line = next(li for li in md.splitlines() if li.startswith(f"| {method} | {region} | {len(cases)} |"))
-            assert line.count("±") == 4
+        lines = [li for li in summary if li.startswith(f"| {method} | ")]
+        assert [li.split(" | ")[1] for li in lines] == regions
+        assert all(li.split(" | ")[2] == str(len(cases)) and li.count("±") == 4 for li in lines)
 
     figures = sorted((out / "figures").glob("*.png"))
     assert [p.stem for p in figures] == cases
@@ -94,25 +99,100 @@ def test_table_and_figures_for_every_case(phantom_root, bundle, tmp_path, capsys
 
 def test_identity_rows_are_the_source_in_the_target_window(phantom_root, bundle, tmp_path):
     """CT -> CT identity baseline: the source HU clipped to the target window (ct_angio:
-    -300..700 HU), measured with SynthRAD's CT range (an independent computation of one row)."""
+    -300..700 HU), measured with SynthRAD's CT range (an independent computation of the liver
+    row, and of the aorta and kidney rows over their labels in the phantom's label map)."""
     from MedTranslateLib import io, metrics
     from MedTranslateLib.evaluation import evaluate_bundle
+    from MedTranslateLib.phantom import LABELS
 
     result = evaluate_bundle(bundle, phantom_root, tmp_path / "eval", split="all", device="cpu", figures=False)
     case = sorted(phantom_root.iterdir())[1]
     ct = io.read_volume(case / "ct.nii.gz").array
     cta = io.read_volume(case / "cta_arterial.nii.gz").array
-    liver = io.read_volume(case / "liver.nii.gz").array > 0.5
+    labels = io.read_volume(case / "labels.nii.gz").array
+    masks = {"liver": io.read_volume(case / "liver.nii.gz").array > 0.5, "aorta": labels == LABELS["aorta"],
+             "kidney": np.isin(labels, (LABELS["kidney_cortex"], LABELS["kidney_medulla"]))}
     identity = np.clip(ct, -300.0, 700.0)
-    expected = metrics.image_metrics(cta, identity, liver, value_range=(-1024, 3000))
-    row = next(r for r in result.rows if (r["case"], r["method"], r["region"]) == (case.name, "identity", "liver"))
-    for key, value in expected.items():
-        assert row[key] == pytest.approx(value, rel=1e-6)
+    for region, mask in masks.items():
+        assert mask.sum() > 20, region
+        expected = metrics.image_metrics(cta, identity, mask, value_range=(-1024, 3000))
+        row = next(r for r in result.rows if (r["case"], r["method"], r["region"]) == (case.name, "identity", region))
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-6), (region, key)
     # the summary is the mean over cases
     body = [r["mae"] for r in result.rows if r["method"] == "model" and r["region"] == "body"]
     summary = next(s for s in result.summary if (s["method"], s["region"]) == ("model", "body"))
     assert summary["n"] == 3 and summary["mae_mean"] == pytest.approx(np.mean(body))
     assert summary["mae_sd"] == pytest.approx(np.std(body, ddof=1))
+
+
+def test_region_order_is_the_one_regions_py_gives(phantom_root, bundle, tmp_path, monkeypatch):
+    """Reorder the label regions in ``regions`` alone: the table follows (nothing else orders them)."""
+    from MedTranslateLib import regions
+    from MedTranslateLib.evaluation import evaluate_bundle
+
+    monkeypatch.setattr(regions, "LABEL_REGIONS", tuple(reversed(regions.LABEL_REGIONS)))
+    result = evaluate_bundle(bundle, phantom_root, tmp_path / "eval", split="all", device="cpu", figures=False,
+                             max_cases=1)
+    expected = [*regions.metric_regions(), *regions.LABEL_REGIONS]
+    assert expected[-2:] == ["kidney", "aorta"]
+    assert [r["region"] for r in result.rows if r["method"] == "model"] == expected
+    assert [s["region"] for s in result.summary if s["method"] == "model"] == expected
+
+
+def test_label_region_masks_are_the_phantom_labels(phantom_root):
+    """The aorta and kidney masks of a phantom case: exactly the voxels of their labels."""
+    from MedTranslateLib import io
+    from MedTranslateLib.evaluation import load_case
+    from MedTranslateLib.phantom import LABELS
+    from MedTranslateLib.regions import LABEL_REGIONS
+
+    folder = sorted(phantom_root.iterdir())[0]
+    case = load_case(folder, "ct", "cta_arterial")
+    labels = io.read_volume(folder / "labels.nii.gz").array
+    aorta = labels == LABELS["aorta"]
+    kidney = np.isin(labels, (LABELS["kidney_cortex"], LABELS["kidney_medulla"]))
+    assert [m for m in case.masks if m in LABEL_REGIONS] == list(LABEL_REGIONS)
+    assert np.array_equal(case.masks["aorta"], aorta) and np.array_equal(case.masks["kidney"], kidney)
+    assert int(case.masks["aorta"].sum()) == int(aorta.sum()) > 0
+    assert int(case.masks["kidney"].sum()) == int(kidney.sum()) > 0
+
+
+def test_cases_without_a_label_map_or_region_table_have_no_label_region_rows(phantom_root, bundle, tmp_path):
+    """A case with no ``labels`` (body from the intensities), and one whose label map has no
+    region table (its numbers mean nothing to us): whole, body and ROI rows only."""
+    from MedTranslateLib.cases import REGION_TABLE
+    from MedTranslateLib.evaluation import evaluate_bundle
+    from MedTranslateLib.regions import metric_regions
+
+    phantom_case = sorted(phantom_root.iterdir())[0]
+    root = tmp_path / "cases"
+    for name, skip in (("no_labels", {"labels.nii.gz", REGION_TABLE}), ("no_table", {REGION_TABLE})):
+        (root / name).mkdir(parents=True)
+        for f in phantom_case.iterdir():
+            if f.name not in skip:
+                (root / name / f.name).symlink_to(f)
+    result = evaluate_bundle(bundle, root, tmp_path / "eval", split="all", device="cpu", figures=False)
+    for name in ("no_labels", "no_table"):
+        assert [r["region"] for r in result.rows if (r["case"], r["method"]) == (name, "model")] == list(metric_regions())
+
+
+def test_bad_region_table_is_one_line_exit_2(phantom_root, bundle, tmp_path, capsys):
+    from MedTranslateLib.cases import REGION_TABLE
+
+    phantom_case = sorted(phantom_root.iterdir())[0]
+    root = tmp_path / "cases"
+    (root / "c").mkdir(parents=True)
+    for f in phantom_case.iterdir():
+        if f.name != REGION_TABLE:
+            (root / "c" / f.name).symlink_to(f)
+    for table, message in (('{"spleen": [14]}', "unknown label regions spleen"),
+                           ('{"aorta": [0]}', "label values > 0"), ("[8]", "expected an object")):
+        (root / "c" / REGION_TABLE).write_text(table)
+        rc = evaluate_main()(["--bundle", str(bundle), "--data", str(root), "--out", str(tmp_path / "e"),
+                              "--split", "all", "--device", "cpu"])
+        err = one_line_error(capsys)
+        assert rc == 2 and message in err and REGION_TABLE in err, err
 
 
 def test_default_split_is_the_bundles_test_split(phantom_root, bundle, tmp_path):

@@ -1,5 +1,6 @@
 """MedTranslateLib.phantom: determinism, plausibility (tissue HU / MR contrasts), tumors inside the
-liver, masks aligned with the images, misregistration, files written by the CLI."""
+liver, masks aligned with the images, label regions where the contrast is, misregistration, files
+written by the CLI."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from MedTranslateLib import cli, io, phantom
+from MedTranslateLib import cases, cli, io, phantom
 from MedTranslateLib.phantom import LABELS, MASKS, MODALITIES, PhantomConfig
 
 SHAPE = (32, 96, 96)  # small but large enough for eroded organ means
@@ -175,6 +176,28 @@ def test_ct_tissue_values_per_phase(case):
     assert _mean(case, "cta_arterial", cortex) > _mean(case, "ct", cortex) + 80
 
 
+def test_label_regions_are_where_the_arterial_phase_enhances(case):
+    """The evaluation regions the phantom names (aorta, kidney) in ``regions.LABEL_REGIONS``
+    order: their labels in the label map, and the arterial phase enhances there far more than in
+    the liver (what a CT -> CTA model is to be judged on)."""
+    from MedTranslateLib.regions import LABEL_REGIONS
+
+    labels = case.masks["labels"].array
+    masks = cases.label_region_masks(labels, case.info["regions"])
+    assert list(masks) == list(LABEL_REGIONS)
+    assert np.array_equal(masks["aorta"], labels == LABELS["aorta"])
+    assert np.array_equal(masks["kidney"], np.isin(labels, (LABELS["kidney_cortex"], LABELS["kidney_medulla"])))
+    assert not (masks["aorta"] & masks["kidney"]).any()
+
+    def enhancement(mask):
+        inner = ndimage.binary_erosion(mask)  # away from partial volume with the neighbours
+        return _mean(case, "cta_arterial", inner) - _mean(case, "ct", inner)
+
+    liver = enhancement(_label(case, "liver", 0))
+    assert 5 < liver < 30
+    assert enhancement(masks["aorta"]) > 250 and enhancement(masks["kidney"]) > liver + 60
+
+
 def test_ct_noise_level():
     cfg = PhantomConfig(shape=(24, 64, 64), ct_noise_hu=12.0)
     c = phantom.generate_case(1, cfg)
@@ -327,7 +350,7 @@ def test_cli_writes_cases_with_geometry(tmp_path, capsys):
     arrays = []
     for folder in folders:
         names = {p.name for p in folder.iterdir()}
-        assert FILES <= names and names - FILES == {"phantom.json"}
+        assert FILES <= names and names - FILES == {"phantom.json", cases.REGION_TABLE}
         vols = {n: io.read_volume(folder / n) for n in sorted(FILES)}
         ref = vols["ct.nii.gz"]
         assert ref.shape == (24, 64, 64)
@@ -337,6 +360,8 @@ def test_cli_writes_cases_with_geometry(tmp_path, capsys):
             assert v.same_geometry(ref)
         info = json.loads((folder / "phantom.json").read_text())
         assert info["labels"] == LABELS and info["config"]["shape"] == [24, 64, 64]
+        assert cases.read_region_table(folder) == {"aorta": (LABELS["aorta"],),
+                                                   "kidney": (LABELS["kidney_cortex"], LABELS["kidney_medulla"])}
         arrays.append(vols["labels.nii.gz"].array)
     assert not np.array_equal(arrays[0], arrays[1])
     # the written case is exactly the in-memory case generated from the derived seed

@@ -6,8 +6,9 @@
 Same as ``medtranslate evaluate``. ``--split`` picks the bundle's own train/val/test split of the
 cases under ``--data`` (its split ratios and seed are in the bundle), or ``all``. Writes
 ``metrics.csv``, ``metrics.md`` and ``figures/<case>.png`` into ``--out``. Metrics: MAE / PSNR /
-SSIM / RMSE in physical units over the whole volume, the body, the liver and the tumour, for the
-model and the identity baseline. All logic lives in ``MedTranslateLib.evaluation``. Errors a user
+SSIM / RMSE in physical units over the whole volume, the body, the model's ROIs (liver, tumour) and
+the case's label regions (aorta, kidney: ``regions.LABEL_REGIONS``), for the model and the identity
+baseline. All logic lives in ``MedTranslateLib.evaluation``. Errors a user
 can cause end in one line on stderr and exit code 2 (MEDTRANSLATE_DEBUG=1 shows the traceback).
 """
 

@@ -7,7 +7,9 @@ Each seed gives one random 3-D upper abdomen rendered in every modality of the s
 - ``t1``, ``t1_post``, ``t2``: spin-echo MR at 1.5 T (or 3 T) in arbitrary units (~0..1000),
   T1-weighted before and after gadolinium (portal-venous phase) and T2-weighted;
 - masks: ``liver`` (parenchyma + intrahepatic vessels + tumors, as in LiTS), ``tumor`` (viable +
-  necrotic) and ``labels`` (the full label map, values in :data:`LABELS`, 0 outside the body).
+  necrotic) and ``labels`` (the full label map, values in :data:`LABELS`, 0 outside the body);
+  ``info["regions"]`` (written as ``cases.REGION_TABLE``) says which labels form the evaluation
+  regions ``aorta`` and ``kidney`` (:data:`.tissues.REGION_LABELS`).
 
 Anatomy (see :mod:`.anatomy`): body outline varying along z, subcutaneous fat, abdominal wall and
 back muscles, ribs, spine (vertebral bodies with cortical shell and marrow, discs, neural arch,
@@ -44,16 +46,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cases import write_region_table
 from ..io import Volume, write_volume
 from . import anatomy as _anatomy
 from .anatomy import TUMOR_TYPES
 from .render import SOURCE_MODALITIES, TARGET_MODALITIES, render_images
-from .tissues import LABELS, TISSUES
+from .tissues import LABELS, REGION_LABELS, TISSUES, region_table
 
 __all__ = [
     "MODALITIES",
     "MASKS",
     "LABELS",
+    "REGION_LABELS",
     "TISSUES",
     "SOURCE_MODALITIES",
     "TARGET_MODALITIES",
@@ -281,6 +285,7 @@ def generate_case(seed: int, config: PhantomConfig | None = None) -> PhantomCase
         "phases": {"cta_arterial": "late arterial (~35 s)", "cta_portal": "portal venous (~70 s)",
                    "t1_post": "portal venous (~70 s), gadolinium"},
         "labels": dict(LABELS),
+        "regions": region_table(),
         "frame": ("LPS, identity direction; arrays (z, y, x); x to the patient's left (liver at "
                   "small x), y posterior, z superior; masks in the source frame (ct, t1)"),
         "anatomy_scale": {"xy": round(float(grid.scale_xy), 4), "z": round(float(grid.scale_z), 4)},
@@ -294,14 +299,16 @@ def generate_case(seed: int, config: PhantomConfig | None = None) -> PhantomCase
 
 
 def write_case(case: PhantomCase, folder: str | os.PathLike) -> Path:
-    """Write the 6 modalities and 3 masks as ``<name>.nii.gz`` plus ``phantom.json`` (the case
-    info) into ``folder`` (created); returns the folder."""
+    """Write the 6 modalities and 3 masks as ``<name>.nii.gz``, the label regions' table
+    (``cases.REGION_TABLE``) and ``phantom.json`` (the case info) into ``folder`` (created);
+    returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in MODALITIES:
         write_volume(case.images[name], folder / f"{name}.nii.gz")
     for name in MASKS:
         write_volume(case.masks[name], folder / f"{name}.nii.gz")
+    write_region_table(folder, case.info["regions"])
     (folder / "phantom.json").write_text(json.dumps(case.info, indent=2) + "\n")
     return folder
 

@@ -50,7 +50,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LABELS", "TISSUES", "Tissue", "HU_PER_MM_GD", "tissue_index", "lookup"]
+from ..regions import AORTA, KIDNEY
+
+__all__ = ["LABELS", "REGION_LABELS", "TISSUES", "Tissue", "HU_PER_MM_GD", "tissue_index", "lookup",
+           "region_table"]
 
 #: Label map values of ``labels.nii.gz`` (0 = outside the body).
 LABELS: dict[str, int] = {
@@ -77,6 +80,13 @@ LABELS: dict[str, int] = {
     "fluid": 20,          # bowel / stomach fluid, renal pelvis urine
     "gas": 21,            # bowel and stomach gas (inside the body, so not background)
     "lung": 22,           # lung bases in the posterior costophrenic recesses, above the dome
+}
+
+#: Label regions (``regions.LABEL_REGIONS``) -> the labels that form them: where the arterial
+#: phase enhances (aorta +308 HU, renal cortex +158 HU; the liver only +15 HU).
+REGION_LABELS: dict[str, tuple[str, ...]] = {
+    AORTA: ("aorta",),
+    KIDNEY: ("kidney_cortex", "kidney_medulla"),
 }
 
 #: CT enhancement (HU) per mM of gadolinium for the post-contrast MR concentration.
@@ -132,6 +142,11 @@ _INDEX = {t.name: i for i, t in enumerate(TISSUES)}
 
 #: tissue index -> label value
 TISSUE_LABEL = np.array([LABELS[t.label] for t in TISSUES], dtype=np.uint8)
+
+
+def region_table() -> dict[str, list[int]]:
+    """Label region name -> its values in ``labels.nii.gz`` (``cases.read_region_table``'s format)."""
+    return {region: [LABELS[label] for label in labels] for region, labels in REGION_LABELS.items()}
 
 
 def tissue_index(name: str) -> int:
