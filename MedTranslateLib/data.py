@@ -196,10 +196,12 @@ def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill
         m = arr > lo + 0.05 * (hi - lo)
     if not m.any():
         return m
-    # binary opening with a 3x3 in-plane square, as separable minimum/maximum filters (outside the
-    # volume counts as 0, as in ndimage.binary_opening): the same mask, about 1.4x faster
-    square = dict(size=(1, 3, 3), mode="constant", cval=0)
-    m = ndimage.maximum_filter(ndimage.minimum_filter(m.view(np.uint8), **square), **square).view(bool)
+    # binary opening with a 3x3 in-plane square, separable (outside the volume counts as 0, as in
+    # ndimage.binary_opening): the same mask, ~10x faster than ndimage's filters on 512x512x300
+    for axis in (1, 2):
+        m = _shift_3(m, axis, erode=True)
+    for axis in (1, 2):
+        m = _shift_3(m, axis, erode=False)
     labels, n = ndimage.label(m)
     if n > 1:  # the largest component (bincount: one pass, whatever the number of components)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
@@ -208,6 +210,22 @@ def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill
         for k in range(m.shape[0]):
             m[k] = ndimage.binary_fill_holes(m[k])
     return m
+
+
+def _shift_3(m: np.ndarray, axis: int, *, erode: bool) -> np.ndarray:
+    """A 3-voxel binary erosion (AND of the neighbours; outside = False) or dilation (OR) of the
+    bool array ``m`` along ``axis``, as whole-array logical operations on shifted views."""
+    def part(start: int | None, stop: int | None) -> tuple[slice, ...]:
+        return tuple(slice(start, stop) if a == axis else slice(None) for a in range(m.ndim))
+
+    out = m.copy()
+    combine = np.logical_and if erode else np.logical_or
+    combine(out[part(1, None)], m[part(None, -1)], out=out[part(1, None)])
+    combine(out[part(None, -1)], m[part(1, None)], out=out[part(None, -1)])
+    if erode:  # the first and last voxels have an outside (False) neighbour
+        out[part(0, 1)] = False
+        out[part(-1, None)] = False
+    return out
 
 
 def roi_slice_range(roi, axis: int, margin: int) -> tuple[int, int] | None:

@@ -261,7 +261,6 @@ class VolumeTranslator:
 
         src_preset = self.source_preset.fit(vol.array)
         tgt_preset = self._target_preset(src_preset, vol)
-        norm = np.asarray(src_preset.forward(vol.array), dtype=np.float32)
         body = mask_arrays.get(BODY)
         if body is None:
             # holes never change the crop box: fill them only when the body is a region or a mask
@@ -275,17 +274,24 @@ class VolumeTranslator:
         n = vol.shape[axis]
         first, last = self._resolve_range(slice_range, mask_arrays, n)
 
-        src_slices = np.moveaxis(norm, axis, 0)  # (n, R, C) view
+        # streamed: each batch goes through the source preset, the network and the target preset's
+        # inverse on its own; no whole-volume intermediate (issue 14: 4-5 full passes, 14x RSS)
+        src_slices = np.moveaxis(vol.array, axis, 0)  # (n, R, C) view, physical units
+        presets = (src_preset, tgt_preset)
         mask_slices = {}
-        if self.capabilities.uses_masks:
-            with_body = {**mask_arrays, BODY: body}
+        if self.capabilities.uses_masks:  # the model's own ROIs: evaluation regions stay out
+            with_body = {**{k: m for k, m in mask_arrays.items() if k in self.roi_names}, BODY: body}
             mask_slices = {k: np.moveaxis(m, axis, 0) for k, m in with_body.items()}
-        out = np.full(src_slices.shape, -1.0, dtype=np.float32)
+        # outside the translated slices: the target window's lowest value (the preset's -1)
+        synthetic = np.full(vol.shape, _inverse_of_minus_one(tgt_preset), dtype=np.float32)
+        out = np.moveaxis(synthetic, axis, 0)  # (n, R, C) view
+        keep_unc = "uncertainty" in want
         unc: np.ndarray | None = None
         conf: np.ndarray | None = None
 
         total = last - first
-        batch = self._initial_batch_size(geometry, src_slices, mask_slices, first, total, steps, num_samples, seed)
+        batch = self._initial_batch_size(geometry, presets, src_slices, mask_slices, first, total, steps,
+                                         num_samples, seed)
         done, retries = 0, 0
         if progress is not None:
             progress(0, total, None)
@@ -295,7 +301,8 @@ class VolumeTranslator:
                 raise TranslationCancelled("translation cancelled")
             idx = np.arange(first + done, first + min(done + batch, total))
             try:
-                image, u, c = self._run_batch(geometry, src_slices, mask_slices, idx, steps, num_samples, seed)
+                image, u, c = self._run_batch(geometry, presets, src_slices, mask_slices, idx, steps, num_samples,
+                                              seed)
             except torch.OutOfMemoryError:
                 self._free_memory()
                 if batch == 1:
@@ -314,7 +321,7 @@ class VolumeTranslator:
                 self.method.to(memory_format=torch.contiguous_format)
                 continue
             out[idx] = image
-            if u is not None:
+            if u is not None and keep_unc:
                 if unc is None:
                     unc = np.zeros(src_slices.shape, dtype=np.float32)
                 unc[idx] = u
@@ -328,7 +335,7 @@ class VolumeTranslator:
                 progress(done, total, elapsed / done * (total - done))
         loop_seconds = time.perf_counter() - t_loop
 
-        result = self._assemble(vol, ref, mask_arrays, body, src_preset, tgt_preset, norm, out, unc, conf,
+        result = self._assemble(vol, ref, mask_arrays, body, src_preset, tgt_preset, synthetic, unc, conf,
                                 first, last, want)
         result.info = {
             "device": str(self.device), "precision": self.precision, "batch_size": int(batch),
@@ -420,13 +427,17 @@ class VolumeTranslator:
             gens.append(g)
         return gens
 
-    def _run_batch(self, geometry: SliceGeometry, src_slices: np.ndarray, mask_slices: dict[str, np.ndarray],
-                   idx: np.ndarray, steps: int | None, num_samples: int, seed: int
+    def _run_batch(self, geometry: SliceGeometry, presets: tuple[IntensityPreset, IntensityPreset],
+                   src_slices: np.ndarray, mask_slices: dict[str, np.ndarray], idx: np.ndarray,
+                   steps: int | None, num_samples: int, seed: int
                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Translate slices ``idx``: (B, R, C) image in [-1, 1], uncertainty (B, R, C) in normalised
-        units or None, confidence (B,) or None."""
+        """Translate slices ``idx`` (physical units) with the (source, target) ``presets``: (B, R, C)
+        image in the target's physical units, uncertainty (B, R, C) in normalised units or None,
+        confidence (B,) or None."""
         dev = self.device
-        x = torch.from_numpy(np.ascontiguousarray(src_slices[idx])).to(dev, non_blocking=True)
+        src_preset, tgt_preset = presets
+        x = src_preset.forward(np.ascontiguousarray(src_slices[idx], dtype=np.float32))
+        x = torch.from_numpy(x).to(dev, non_blocking=True)
         x = geometry.apply(x, fill=-1.0).unsqueeze(1)  # (B, 1, S, S)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -445,7 +456,7 @@ class VolumeTranslator:
         if tuple(tr.image.shape) != (b, 1, s, s):
             raise RuntimeError(f"{self.method.name}: translate returned shape {tuple(tr.image.shape)}, "
                                f"expected {(b, 1, s, s)}")
-        image = geometry.invert(tr.image.float()[:, 0], fill=-1.0).cpu().numpy()
+        image = tgt_preset.inverse(geometry.invert(tr.image.float()[:, 0], fill=-1.0).cpu().numpy())
         unc = None
         if tr.uncertainty is not None:
             unc = geometry.invert(tr.uncertainty.float()[:, 0], fill=0.0).cpu().numpy()
@@ -456,9 +467,9 @@ class VolumeTranslator:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _initial_batch_size(self, geometry: SliceGeometry, src_slices: np.ndarray,
-                            mask_slices: dict[str, np.ndarray], first: int, total: int, steps: int | None,
-                            num_samples: int, seed: int) -> int:
+    def _initial_batch_size(self, geometry: SliceGeometry, presets: tuple[IntensityPreset, IntensityPreset],
+                            src_slices: np.ndarray, mask_slices: dict[str, np.ndarray], first: int, total: int,
+                            steps: int | None, num_samples: int, seed: int) -> int:
         """The fixed batch size, or "auto": ``CPU_BATCH_SIZE`` on CPU; on CUDA free memory divided
         by the peak memory per slice of a 2-slice probe batch (capped at ``max_batch_size``)."""
         if self.batch_size != "auto":
@@ -471,7 +482,7 @@ class VolumeTranslator:
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         try:
-            self._run_batch(geometry, src_slices, mask_slices, idx, steps, num_samples, seed)
+            self._run_batch(geometry, presets, src_slices, mask_slices, idx, steps, num_samples, seed)
         except torch.OutOfMemoryError:
             self._free_memory()
             return 1
@@ -484,7 +495,7 @@ class VolumeTranslator:
 
     # -- results ----------------------------------------------------------------------------
     def _assemble(self, vol: mio.Volume, ref: mio.Volume | None, masks: dict[str, np.ndarray], body: np.ndarray,
-                  src_preset: IntensityPreset, tgt_preset: IntensityPreset, norm: np.ndarray, out: np.ndarray,
+                  src_preset: IntensityPreset, tgt_preset: IntensityPreset, synthetic: np.ndarray,
                   unc: np.ndarray | None, conf: np.ndarray | None, first: int, last: int,
                   want: frozenset[str] = OPTIONAL_OUTPUTS) -> Result:
         axis = self.axis
@@ -498,12 +509,11 @@ class VolumeTranslator:
         def volume(arr: np.ndarray, suffix: str) -> mio.Volume:
             return mio.Volume(arr, vol.spacing, vol.origin, vol.direction, source=f"{vol.source} ({suffix})")
 
-        synthetic = np.asarray(tgt_preset.inverse(np.moveaxis(out, 0, axis)), dtype=np.float32)
         result = Result(synthetic=volume(synthetic, "synthetic"), slice_range=(first, last), axis=axis,
                         confidence=conf)
         baseline = None
         if "difference" in want or (ref is not None and self.baseline_metrics):
-            baseline = identity_baseline(vol.array, src_preset, tgt_preset, norm)
+            baseline = identity_baseline(vol.array, src_preset, tgt_preset)
         if "difference" in want:
             result.difference = volume(np.where(slab, difference_map(synthetic, baseline), 0.0).astype(np.float32),
                                        "difference")
@@ -530,6 +540,11 @@ class VolumeTranslator:
             if self.baseline_metrics:
                 result.baseline_metrics = _safe_metrics(ref_array, baseline, regions, value_range)
         return result
+
+
+def _inverse_of_minus_one(preset: IntensityPreset) -> np.float32:
+    """The value ``preset.inverse`` gives -1 (the window's lowest value), computed as a batch is."""
+    return preset.inverse(np.full(1, -1.0, dtype=np.float32))[0]
 
 
 def identity_baseline(source: np.ndarray, src_preset: IntensityPreset, tgt_preset: IntensityPreset,

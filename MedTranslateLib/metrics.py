@@ -38,12 +38,12 @@ mask restricts it to the mask's bounding box (plus the window's half-width for S
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from scipy.ndimage import uniform_filter
 
 __all__ = ["SYNTHRAD_CT_RANGE", "image_metrics", "roi_metrics"]
 
@@ -54,7 +54,7 @@ SSIM_WINDOW = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 _HALF = SSIM_WINDOW // 2
-_SLAB_VOXELS = 1 << 22  # ~4M voxels per slab: a few float64 temporaries of 32 MiB each
+_SLAB_VOXELS = 1 << 20  # ~1M voxels per tile: float64 temporaries of 8 MiB, reused by malloc
 
 _Prepare = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
 
@@ -190,6 +190,25 @@ def _slabs(box: tuple[slice, ...], rows: int) -> Iterator[tuple[slice, ...]]:
         yield (slice(start, min(start + rows, first.stop)),) + box[1:]
 
 
+def _tiles(box: tuple[slice, ...]) -> Iterator[tuple[slice, ...]]:
+    """Split ``box`` into output tiles whose source (the tile grown by the window's half-width)
+    holds about ``_SLAB_VOXELS`` voxels: along the first axis, and also the second for a volume,
+    so that a tile is close to a cube in its first two axes and the window's overlap between
+    tiles costs ~15 % rather than the ~70 % of thin slabs of whole 512 x 512 slices."""
+    sizes = [s.stop - s.start for s in box]
+    pad = 2 * _HALF
+    rest = math.prod(n + pad for n in sizes[2:]) if len(sizes) > 2 else 1
+    if len(sizes) == 2:  # an image: slabs of rows
+        rows = max(1, _SLAB_VOXELS // (sizes[1] + pad) - pad)
+        steps = [rows, sizes[1]]
+    else:
+        side = max(1, int(math.sqrt(_SLAB_VOXELS / rest)) - pad)
+        steps = [side, side] + sizes[2:]
+    starts = [range(s.start, s.stop, step) for s, step in zip(box, steps, strict=True)]
+    for corner in itertools.product(*starts):
+        yield tuple(slice(c, min(c + step, s.stop)) for c, step, s in zip(corner, steps, box, strict=True))
+
+
 def _extent(box: tuple[slice, ...], pad: int = 0) -> int:
     """Voxels in one row (all axes but the first) of ``box`` grown by ``pad`` on every side."""
     return math.prod(s.stop - s.start + 2 * pad for s in box[1:])
@@ -243,13 +262,7 @@ def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     cov_norm = n / (n - 1)
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
-    inner = (slice(_HALF, -_HALF),) * x.ndim
-
-    def mean(a: np.ndarray) -> np.ndarray:
-        # Filter the whole block, keep the voxels whose window lies inside it (the border mode
-        # then never matters).
-        return uniform_filter(a, size=SSIM_WINDOW)[inner]
-
+    mean = _box_mean
     mx, my = mean(x), mean(y)
     vx = cov_norm * (mean(x * x) - mx * mx)
     vy = cov_norm * (mean(y * y) - my * my)
@@ -257,6 +270,29 @@ def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     numerator = (2 * mx * my + c1) * (2 * vxy + c2)
     denominator = (mx * mx + my * my + c1) * (vx + vy + c2)
     return numerator / denominator
+
+
+def _box_mean(a: np.ndarray) -> np.ndarray:
+    """The mean over every ``SSIM_WINDOW``-wide box lying inside ``a`` (shape minus 6 per axis):
+    per axis, sums of shifted views (pairs, fours, 4 + 2, + 1: four additions for the 7-wide
+    window), which is the valid
+    part of ``ndimage.uniform_filter`` to ~1e-15 relative and about 1.8x faster (no line buffers,
+    no border voxels computed to be thrown away)."""
+    ndim = a.ndim
+    for axis in range(ndim):
+        n = a.shape[axis]
+        m = n - SSIM_WINDOW + 1
+
+        def part(start: int, stop: int, axis: int = axis) -> tuple[slice, ...]:
+            return tuple(slice(start, stop) if k == axis else slice(None) for k in range(ndim))
+
+        pairs = a[part(0, n - 1)] + a[part(1, n)]
+        fours = pairs[part(0, n - 3)] + pairs[part(2, n - 1)]
+        out = fours[part(0, m)] + pairs[part(4, 4 + m)]
+        out += a[part(6, 6 + m)]
+        a = out
+    a *= 1.0 / SSIM_WINDOW**ndim
+    return a
 
 
 def _ssim(ref: np.ndarray, syn: np.ndarray, region: np.ndarray | None,
@@ -272,7 +308,7 @@ def _ssim(ref: np.ndarray, syn: np.ndarray, region: np.ndarray | None,
         box = tuple(slice(b.start + _HALF, b.stop + _HALF) for b in inner_box)
     prepare = _ssim_preparation(bounds)
     total, count = 0.0, 0
-    for out in _slabs(box, max(1, _SLAB_VOXELS // _extent(box, _HALF) - 2 * _HALF)):
+    for out in _tiles(box):
         src = tuple(slice(s.start - _HALF, s.stop + _HALF) for s in out)
         inside_src = None if region is None else region[src]
         ssim_map = _ssim_map(prepare(ref[src], inside_src), prepare(syn[src], inside_src),
