@@ -52,7 +52,7 @@ from .bundle import Bundle, BundleError, meta_rois, side_preset
 from .data import SliceGeometry, body_mask
 from .intensity import IntensityPreset
 from .maps import consistency_report, difference_map, uncertainty_to_physical
-from .metrics import SSIM_WINDOW, SYNTHRAD_CT_RANGE, roi_metrics
+from .metrics import SSIM_WINDOW, SYNTHRAD_CT_RANGE, roi_metrics_many
 from .regions import BODY, WHOLE, ordered_regions
 from .runtime import distributed_env, first_line, resolve_device, resolve_precision, shard
 
@@ -536,9 +536,10 @@ class VolumeTranslator:
             regions: dict[str, Any] = {WHOLE: None if (first, last) == (0, n) else slab, BODY: body & slab}
             for name in ordered_regions([m for m in masks if m != BODY], self.roi_names):
                 regions[name] = masks[name] & slab
-            result.metrics = _safe_metrics(ref_array, synthetic, regions, value_range)
-            if self.baseline_metrics:
-                result.baseline_metrics = _safe_metrics(ref_array, baseline, regions, value_range)
+            images = {"synthetic": synthetic, **({"baseline": baseline} if self.baseline_metrics else {})}
+            rows = _safe_metrics(ref_array, images, regions, value_range)
+            result.metrics = rows["synthetic"]
+            result.baseline_metrics = rows.get("baseline")
         return result
 
 
@@ -562,18 +563,21 @@ def identity_baseline(source: np.ndarray, src_preset: IntensityPreset, tgt_prese
     return np.asarray(tgt_preset.inverse(norm), dtype=np.float32)
 
 
-def _safe_metrics(reference: np.ndarray, image: np.ndarray, regions: dict[str, Any],
-                  value_range: tuple[float, float] | None) -> dict[str, dict[str, float]]:
-    """``metrics.roi_metrics``; a volume too small for SSIM (< ``SSIM_WINDOW`` voxels on an axis)
-    gets MAE/RMSE only with PSNR/SSIM as NaN rather than no metrics at all."""
+def _safe_metrics(reference: np.ndarray, images: dict[str, np.ndarray], regions: dict[str, Any],
+                  value_range: tuple[float, float] | None) -> dict[str, dict[str, dict[str, float]]]:
+    """``metrics.roi_metrics_many`` (image name -> region -> metrics); a volume too small for SSIM
+    (< ``SSIM_WINDOW`` voxels on an axis) gets MAE/RMSE only with PSNR/SSIM as NaN rather than no
+    metrics at all."""
     if min(reference.shape) >= SSIM_WINDOW:
-        return roi_metrics(reference, image, regions, value_range=value_range)
-    rows = {}
-    for name, region in regions.items():
-        m = np.ones(reference.shape, bool) if region is None else np.asarray(region, bool)
-        if not m.any():
-            continue
-        d = image[m].astype(np.float64) - reference[m].astype(np.float64)
-        rows[name] = {"mae": float(np.abs(d).mean()), "psnr": math.nan, "ssim": math.nan,
-                      "rmse": float(np.sqrt((d * d).mean()))}
-    return rows
+        return roi_metrics_many(reference, images, regions, value_range=value_range)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for key, image in images.items():
+        rows = out[key] = {}
+        for name, region in regions.items():
+            m = np.ones(reference.shape, bool) if region is None else np.asarray(region, bool)
+            if not m.any():
+                continue
+            d = image[m].astype(np.float64) - reference[m].astype(np.float64)
+            rows[name] = {"mae": float(np.abs(d).mean()), "psnr": math.nan, "ssim": math.nan,
+                          "rmse": float(np.sqrt((d * d).mean()))}
+    return out

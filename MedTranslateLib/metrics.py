@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SYNTHRAD_CT_RANGE", "image_metrics", "roi_metrics"]
+__all__ = ["SYNTHRAD_CT_RANGE", "image_metrics", "roi_metrics", "roi_metrics_many"]
 
 SYNTHRAD_CT_RANGE = (-1024.0, 3000.0)
 """The CT value range (HU) of the SynthRAD2023 evaluation."""
@@ -77,7 +77,7 @@ def image_metrics(reference: Any, synthetic: Any, mask: Any = None, *,
     region = _region(mask, ref.shape, "mask")
     if region is not None and not region.any():
         raise ValueError("mask is empty: it selects no voxel")
-    return _metrics(ref, syn, region, bounds, data_range)
+    return _metrics(ref, syn, region, bounds, data_range, _ssim(ref, [syn], region, bounds, data_range)[0])
 
 
 def roi_metrics(reference: Any, synthetic: Any, masks: Mapping[str, Any], *,
@@ -87,16 +87,29 @@ def roi_metrics(reference: Any, synthetic: Any, masks: Mapping[str, Any], *,
     A None mask is the whole volume. Regions whose mask is empty are left out of the result
     (a case without a tumour has no tumour row); the others keep their order.
     """
-    ref, syn = _image_pair(reference, synthetic)
+    return roi_metrics_many(reference, {"synthetic": synthetic}, masks, value_range=value_range)["synthetic"]
+
+
+def roi_metrics_many(reference: Any, images: Mapping[str, Any], masks: Mapping[str, Any], *,
+                     value_range: tuple[float, float] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """``roi_metrics`` of several images against one reference (e.g. a synthetic volume and the
+    identity baseline): image name -> region -> metrics, each equal to ``roi_metrics`` of that
+    image; the reference's SSIM statistics are computed once per region for all of them."""
+    names = list(images)
+    pairs = [_image_pair(reference, images[name]) for name in names]
+    ref = pairs[0][0] if pairs else _as_array(reference, "reference")
+    syns = [syn for _, syn in pairs]
     bounds = _value_range(value_range)
     data_range = _data_range(ref, bounds)
-    rows: dict[str, dict[str, float]] = {}
-    for name, mask in masks.items():
-        region = _region(mask, ref.shape, f"mask {name!r}")
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in names}
+    for region_name, mask in masks.items():
+        region = _region(mask, ref.shape, f"mask {region_name!r}")
         if region is not None and not region.any():
             continue
-        rows[name] = _metrics(ref, syn, region, bounds, data_range)
-    return rows
+        ssims = _ssim(ref, syns, region, bounds, data_range)
+        for name, syn, ssim in zip(names, syns, ssims, strict=True):
+            out[name][region_name] = _metrics(ref, syn, region, bounds, data_range, ssim)
+    return out
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -159,14 +172,14 @@ def _data_range(ref: np.ndarray, bounds: tuple[float, float] | None) -> float:
 # --- computation -------------------------------------------------------------------------------
 
 def _metrics(ref: np.ndarray, syn: np.ndarray, region: np.ndarray | None,
-             bounds: tuple[float, float] | None, data_range: float) -> dict[str, float]:
+             bounds: tuple[float, float] | None, data_range: float, ssim: float) -> dict[str, float]:
     count, abs_sum, sq_sum, clipped_sq_sum = _error_sums(ref, syn, region, bounds)
     mse = (clipped_sq_sum if bounds is not None else sq_sum) / count
     psnr = math.inf if mse == 0 else 10.0 * math.log10(data_range**2 / mse)
     return {
         "mae": abs_sum / count,
         "psnr": psnr,
-        "ssim": _ssim(ref, syn, region, bounds, data_range),
+        "ssim": ssim,
         "rmse": math.sqrt(sq_sum / count),
     }
 
@@ -253,20 +266,31 @@ def _ssim_preparation(bounds: tuple[float, float] | None) -> _Prepare:
     return prepare
 
 
-def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
+def _ssim_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Local mean and sample variance (N / (N - 1), N = 7**ndim) of ``x`` (float64) at every voxel
+    whose window lies inside it (shape minus 6 along every axis)."""
+    n = SSIM_WINDOW**x.ndim
+    mx = _box_mean(x)
+    vx = _box_mean(x * x)
+    vx -= mx * mx
+    vx *= n / (n - 1)
+    return mx, vx
+
+
+def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float,
+              x_stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """SSIM at every voxel of ``x``/``y`` (float64) whose window lies inside them.
 
-    Returns shape ``x.shape`` minus 6 along every axis.
+    Returns shape ``x.shape`` minus 6 along every axis. ``x_stats``: ``_ssim_stats(x)`` when
+    already computed (the reference's, shared by several images).
     """
     n = SSIM_WINDOW**x.ndim
     cov_norm = n / (n - 1)
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
-    mean = _box_mean
-    mx, my = mean(x), mean(y)
-    vx = cov_norm * (mean(x * x) - mx * mx)
-    vy = cov_norm * (mean(y * y) - my * my)
-    vxy = cov_norm * (mean(x * y) - mx * my)
+    mx, vx = _ssim_stats(x) if x_stats is None else x_stats
+    my, vy = _ssim_stats(y)
+    vxy = cov_norm * (_box_mean(x * y) - mx * my)
     numerator = (2 * mx * my + c1) * (2 * vxy + c2)
     denominator = (mx * mx + my * my + c1) * (vx + vy + c2)
     return numerator / denominator
@@ -295,26 +319,30 @@ def _box_mean(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _ssim(ref: np.ndarray, syn: np.ndarray, region: np.ndarray | None,
-          bounds: tuple[float, float] | None, data_range: float) -> float:
-    """Mean SSIM over the region's voxels at least ``_HALF`` voxels from every border."""
+def _ssim(ref: np.ndarray, syns: list[np.ndarray], region: np.ndarray | None,
+          bounds: tuple[float, float] | None, data_range: float) -> list[float]:
+    """Mean SSIM of each of ``syns`` against ``ref`` over the region's voxels at least ``_HALF``
+    voxels from every border (NaN when there are none)."""
     inner = tuple(slice(_HALF, n - _HALF) for n in ref.shape)
     if region is None:
         box = inner
     else:
         inner_box = _bounding_box(region[inner])
         if inner_box is None:
-            return math.nan
+            return [math.nan] * len(syns)
         box = tuple(slice(b.start + _HALF, b.stop + _HALF) for b in inner_box)
     prepare = _ssim_preparation(bounds)
-    total, count = 0.0, 0
+    totals, count = [0.0] * len(syns), 0
     for out in _tiles(box):
         src = tuple(slice(s.start - _HALF, s.stop + _HALF) for s in out)
         inside_src = None if region is None else region[src]
-        ssim_map = _ssim_map(prepare(ref[src], inside_src), prepare(syn[src], inside_src),
-                             data_range)
-        if region is not None:
-            ssim_map = ssim_map[region[out]]
-        total += float(ssim_map.sum())
-        count += ssim_map.size
-    return total / count
+        inside = None if region is None else region[out]
+        x = prepare(ref[src], inside_src)
+        x_stats = _ssim_stats(x)
+        for k, syn in enumerate(syns):
+            ssim_map = _ssim_map(x, prepare(syn[src], inside_src), data_range, x_stats)
+            if inside is not None:
+                ssim_map = ssim_map[inside]
+            totals[k] += float(ssim_map.sum())
+        count += int(inside.sum()) if inside is not None else math.prod(s.stop - s.start for s in out)
+    return [total / count for total in totals]

@@ -130,6 +130,19 @@ def test_slabs_and_bounding_boxes_do_not_change_results(monkeypatch):
         assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
 
 
+def test_several_images_share_the_reference_and_get_their_own_metrics(monkeypatch):
+    ref, syn = smooth_pair(seed=6, noise=80.0)
+    _, other = smooth_pair(seed=7, noise=30.0)
+    mask = box_mask(ref.shape, (2, 6, 3), (15, 25, 26))
+    masks = {"whole": None, "box": mask, "empty": np.zeros(ref.shape, bool)}
+    monkeypatch.setattr(metrics, "_SLAB_VOXELS", 2000)  # several tiles along both first axes
+    both = metrics.roi_metrics_many(ref, {"a": syn, "b": other}, masks, value_range=CT_RANGE)
+    assert list(both) == ["a", "b"] and list(both["a"]) == ["whole", "box"]
+    for name, image in (("a", syn), ("b", other)):
+        assert both[name] == metrics.roi_metrics(ref, image, masks, value_range=CT_RANGE)
+    assert both["a"]["box"]["ssim"] != both["b"]["box"]["ssim"]
+
+
 # --- (c) MAE, RMSE, PSNR against numpy and scikit-image ----------------------------------------
 
 def test_errors_match_numpy_and_skimage_without_value_range():
