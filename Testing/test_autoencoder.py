@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from MedTranslateLib.bundle import BundleMeta, load_bundle, save_bundle
 from MedTranslateLib.methods import build_method, get_method_class
-from MedTranslateLib.methods.autoencoder import AutoencoderConfig, LatentAutoencoder
+from MedTranslateLib.methods.autoencoder import AutoencoderConfig, LatentAutoencoder, domain_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "training" / "configs" / "smoke" / "autoencoder.yaml"
@@ -278,3 +278,60 @@ def test_training_fit_writes_an_autoencoder_bundle(tmp_path):
     x = smooth_images(1)
     with torch.inference_mode():
         assert bundle.method.translate(x).image.shape == x.shape
+
+
+# ---- domains: source, target, residual ---------------------------------------------------------------
+
+def test_domains_choose_the_training_images():
+    b = batch(n=3)
+    residual = (b["target"] - b["source"]) / 2
+    assert torch.equal(domain_image(b, "residual"), residual) and domain_image(b, "source") is b["source"]
+    assert tiny().config.domains == ["source", "target"]  # the default: today's images
+    assert torch.equal(tiny()._images(b), torch.cat([b["source"], b["target"]]))
+    m = tiny(domains=["target", "residual"])
+    assert torch.equal(m._images(b), torch.cat([b["target"], residual]))
+    losses = m.train().training_losses(b, m.build_training_parts(), "autoencoder")
+    assert torch.isfinite(losses["loss"])
+    for bad, pattern in [([], "at most once"), (["source", "source"], "at most once"), (["residuals"], "domains")]:
+        with pytest.raises(ValueError, match=pattern) as info:
+            build_method("autoencoder", {**TINY, "domains": bad}, where="ae.yaml", prefix="model")
+        assert "\n" not in str(info.value)
+
+
+def test_trained_with_the_residual_domain_it_encodes_residuals_better_than_zero():
+    """Phantom pre- and post-contrast T1 slices in one shared intensity window (the source's
+    percentiles), 32x32, 60 steps. Trained on source, target and residual = (target - source) / 2,
+    the tiny autoencoder reconstructs the residuals with a lower MAE than predicting zero; trained
+    on source and target only (the default) it does much worse than zero (measured: 0.036 and
+    0.20 vs 0.061; the f4 CT autoencoder: 0.013 and 0.093 vs 0.022)."""
+    import numpy as np
+
+    from MedTranslateLib.intensity import preset_from_config
+    from MedTranslateLib.phantom import PhantomConfig, generate_case
+
+    sources, targets = [], []
+    for seed in (0, 1):
+        case = generate_case(seed, PhantomConfig(shape=(16, 32, 32)))
+        window = preset_from_config("mr_percentile").fit(case.images["t1"].array)
+        for name, out in (("t1", sources), ("t1_post", targets)):
+            out.append(torch.from_numpy(np.asarray(window.forward(case.images[name].array), np.float32)[3:13, None]))
+    source, target = torch.cat(sources), torch.cat(targets)
+    residual = (target - source) / 2
+
+    def residual_mae(domains: list[str]) -> float:
+        m = tiny(channels=[16, 32], num_embeddings=64, adversarial_weight=0.0, domains=domains).train()
+        parts = m.build_training_parts()
+        opt = torch.optim.Adam(m.phase_parameters("autoencoder", parts), lr=2e-3, betas=(0.5, 0.9))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            idx = torch.randint(len(source), (8,), generator=g)
+            loss = m.training_losses({"source": source[idx], "target": target[idx]}, parts, "autoencoder")["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            return (m.eval().reconstruct(residual) - residual).abs().mean().item()
+
+    zero = residual.abs().mean().item()
+    with_residual, without = residual_mae(["source", "target", "residual"]), residual_mae(["source", "target"])
+    assert with_residual < 0.8 * zero < zero < without, (with_residual, zero, without)

@@ -462,3 +462,38 @@ def test_resshift_shapes_and_errors():
                    dict(kappa=0.0)):
         with pytest.raises(ValueError):
             ResShiftScheduler(**kwargs)
+
+
+# ================================================================================================
+# Several branches through one scheduler (rlbcd's residual and target bridges)
+
+def test_one_scheduler_steps_several_branches_independently():
+    """A method with several branches (methods/diffusion_common.py) calls ``step`` once per
+    branch at every timestep: a step keeps no state about the sample it moved, so interleaving
+    two branches gives each exactly what it gets alone."""
+    y = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    outs = {"target": 0.1 * y, "residual": -0.2 * y + 0.05}
+
+    def alone(scheduler, branch, start):
+        x = start
+        for k, t in enumerate(scheduler.timesteps):
+            noise = torch.full_like(y, 0.01 * (k + 1))
+            if isinstance(scheduler, BrownianBridgeScheduler):
+                x, _ = scheduler.step(outs[branch] * (k + 1), t, x, y, noise=noise)
+            else:
+                x, _ = scheduler.step(outs[branch] * (k + 1), t, x, noise=noise)
+        return x
+
+    bb, rs = BrownianBridgeScheduler(), ResShiftScheduler()
+    bb.set_timesteps(6)
+    for s in (bb, rs):
+        start = y if s is bb else s.prior_sample(y, noise=torch.zeros_like(y))
+        x = dict.fromkeys(outs, start)
+        for k, t in enumerate(s.timesteps):
+            noise = torch.full_like(y, 0.01 * (k + 1))
+            for b in outs:
+                args = (x[b], y) if s is bb else (x[b],)
+                x[b], _ = s.step(outs[b] * (k + 1), t, *args, noise=noise)
+        for b in outs:
+            assert torch.equal(x[b], alone(s, b, start)), (type(s).__name__, b)
+        assert not torch.equal(x["target"], x["residual"])

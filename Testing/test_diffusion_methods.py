@@ -1,5 +1,8 @@
 """bbdm and resshift: training losses wired to the schedulers, sampling loops checked with oracle
-denoisers, noise control (seed, shared noise, samples), steps, training end to end, the engine."""
+denoisers, noise control (seed, shared noise, samples), steps, training end to end, the engine;
+the shared machinery of later methods (several networks and branches, combine_samples,
+prepare_condition, learned source features, per-domain latent statistics) and the defaults
+reproducing the outputs from before it."""
 
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ import torch
 from torch import nn
 
 from MedTranslateLib.diffusion import BrownianBridgeScheduler, ResShiftScheduler
-from MedTranslateLib.methods import build_method
+from MedTranslateLib.methods import Translation, build_method
+from MedTranslateLib.methods.bbdm import BBDM
+from MedTranslateLib.methods.diffusion_common import SampleResult
+from MedTranslateLib.methods.resshift import ResShift
+from MedTranslateLib.nn.diffusion_unet import DenoisingUNet
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
@@ -445,3 +452,339 @@ def test_engine_shared_noise_is_one_noise_map_for_every_slice(name, tiny_bundles
     np.testing.assert_allclose(again, syn, rtol=0, atol=ROUNDING_HU)
     independent = _translator(bundle, 3).translate(vol, seed=5).synthetic.array
     assert np.abs(independent[1:] - independent[:1]).max(axis=(1, 2)).min() > 1.0  # HU
+
+
+# ---- defaults: the same outputs as before branches, SampleResult and per-domain statistics ----
+
+#: Written by ``write_reference()`` run against the library of commit 98180c6 (before branches,
+#: ``SampleResult``, ``combine_samples`` and per-domain latent statistics):
+#:   cd /tmp && PYTHONPATH=<98180c6 checkout>:<this Testing folder> python -c \
+#:       "import test_diffusion_methods as t; t.write_reference()"
+#: The new code reproduced every value bit for bit on the machine that wrote it; other CPUs may
+#: take other convolution kernels, hence the rounding-level tolerance.
+REFERENCE = Path(__file__).parent / "data" / "diffusion_defaults_reference.npz"
+TINY_AE = {"factor": 4, "channels": [4, 8], "num_res_layers": 1, "latent_channels": 2, "num_embeddings": 16}
+DEFAULT_CASES = [("pixel", "source"), ("pixel", "none"), ("latent", "source"), ("latent", "latent"),
+                 ("latent_normalized", "source")]
+
+
+def default_outputs() -> dict[str, np.ndarray]:
+    """bbdm and resshift built with explicit settings that exist before and after the change
+    (every new option at its default): translate (two samples, one generator per slice; one
+    sample) and one training loss from fixed weights and seeds; the shipped resshift demo bundle."""
+    from MedTranslateLib.bundle import load_bundle
+
+    out: dict[str, np.ndarray] = {}
+    source, target = pair(2, 16)
+    gens = lambda: [torch.Generator().manual_seed(20 + i) for i in range(2)]  # noqa: E731
+    for name in ("bbdm", "resshift"):
+        for space, condition in DEFAULT_CASES:
+            config = {"unet": UNET, "condition": condition}
+            if space != "pixel":
+                config["latent"] = {"autoencoder": TINY_AE, "normalize": space == "latent_normalized",
+                                    "stats_batches": 2}
+            if name == "bbdm":
+                config["steps"] = 4
+            m = method(name, **config)
+            torch.manual_seed(1)
+            nn.init.normal_(m.unet.out[-1].weight, std=0.05)
+            if space != "pixel":
+                with torch.random.fork_rng():
+                    m.prepare_training(iter([{"source": source, "target": target},
+                                             {"source": -source, "target": target * 0.5}]))
+            key = f"{name}/{space}/{condition}"
+            many = m.translate(source, generator=gens(), num_samples=2)
+            out[f"{key}/image"], out[f"{key}/uncertainty"] = many.image.numpy(), many.uncertainty.numpy()
+            out[f"{key}/samples"] = many.samples.numpy()
+            out[f"{key}/one"] = m.translate(source, generator=gens(), shared_noise=True).image.numpy()
+            torch.manual_seed(5)
+            losses = m.train().training_losses({"source": source, "target": target}, nn.ModuleDict(), "main")
+            out[f"{key}/loss"] = np.array([float(losses["loss"].detach()), float(losses["x0_l1"])])
+    demo = load_bundle(ROOT / "Resources" / "Models" / "resshift_ct_cta_demo").method
+    x = pair(1, 32)[0]
+    res = demo.translate(x, generator=[torch.Generator().manual_seed(7)], num_samples=2)
+    out["demo/image"], out["demo/uncertainty"] = res.image.numpy(), res.uncertainty.numpy()
+    return out
+
+
+def write_reference() -> None:
+    np.savez_compressed(REFERENCE, **default_outputs())
+
+
+def test_defaults_reproduce_the_outputs_from_before_branches():
+    """bbdm and resshift (pixel and latent, every condition, latents normalised or not), with
+    every new option at its default, give the samples, means, stds and losses they gave before,
+    and so does the shipped resshift demo bundle."""
+    ref = np.load(REFERENCE)
+    now = default_outputs()
+    assert sorted(now) == sorted(ref.files)
+    for key, value in now.items():
+        np.testing.assert_allclose(value, ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    assert np.abs(ref["demo/uncertainty"]).max() > 1e-3  # the noise matters: a real check of the draws
+
+
+# ---- several networks, combine_samples, work done once per translate ---------------------------
+
+class TwoNetBridge(BBDM):
+    """rlbcd-shaped toy (not registered): a residual U-Net on the residual branch whose output the
+    target U-Net also sees; both bridges start at x_T = y and share t."""
+
+    branches = ("target", "residual")
+
+    def __init__(self, config=None, **kw) -> None:
+        super().__init__(config, **kw)
+        self.residual_unet = DenoisingUNet(super().unet_in_channels(), self.space_channels, self.config.unet)
+
+    def unet_in_channels(self) -> int:
+        return super().unet_in_channels() + self.space_channels  # + the residual U-Net's output
+
+    def denoise(self, x, t, cond):
+        r = self.residual_unet(self.denoiser_input(x["residual"], cond), t)
+        return {"target": self.unet(self.denoiser_input(torch.cat([x["target"], r], 1), cond), t), "residual": r}
+
+
+def two_net(**kw) -> TwoNetBridge:
+    torch.manual_seed(0)
+    return TwoNetBridge({"unet": UNET, "steps": 4, **kw}).eval()
+
+
+def test_two_networks_train_a_step_and_their_state_saves_and_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    m = two_net().train()
+    for unet in (m.unet, m.residual_unet):
+        nn.init.normal_(unet.out[-1].weight, std=0.05)
+    source, target = pair(4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.Adam(m.phase_parameters("main", nn.ModuleDict()), lr=1e-3)
+    torch.manual_seed(3)
+    losses = m.training_losses({"source": source, "target": target}, nn.ModuleDict(), "main")
+    assert set(losses) == {"loss", "x0_l1", "x0_l1_residual", "loss_residual"}
+    # the total is the target branch's L1 plus the residual branch's, for one t and two noises
+    torch.manual_seed(3)
+    t = torch.randint(0, 1000, (4,))
+    noise = {b: torch.randn_like(target) for b in ("target", "residual")}
+    s = m.scheduler
+    x0 = {"target": target, "residual": (target - source) / 2}
+    with torch.no_grad():
+        x_t = {b: s.add_noise(x0[b], source, noise[b], t) for b in x0}
+        r = m.residual_unet(torch.cat([x_t["residual"], source], 1), t)
+        out = m.unet(torch.cat([x_t["target"], r, source], 1), t)
+    expected = {"target": (out - s.training_target(x0["target"], source, noise["target"], t)).abs().mean(),
+                "residual": (r - s.training_target(x0["residual"], source, noise["residual"], t)).abs().mean()}
+    assert float(losses["loss_residual"]) == pytest.approx(float(expected["residual"]), rel=1e-5)
+    assert float(losses["loss"].detach()) == pytest.approx(float(expected["target"] + expected["residual"]), rel=1e-5)
+    opt.zero_grad()
+    losses["loss"].backward()
+    opt.step()
+    after = m.state_dict()
+    for prefix in ("unet.", "residual_unet."):
+        assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith(prefix)), prefix
+    # state: both networks, saved and loaded into a fresh instance, sample alike
+    m.eval()
+    save_file(m.state_dict(), str(tmp_path / "two.safetensors"))
+    again = TwoNetBridge(m.config)
+    again.load_state_dict(load_file(str(tmp_path / "two.safetensors")), strict=True)
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    assert torch.equal(again.eval().translate(source, generator=g()).image, m.translate(source, generator=g()).image)
+
+
+def test_every_branch_lands_on_its_own_x0_with_perfect_denoisers():
+    """Oracle networks ('grad': x_t - x0 of their branch): the target branch ends on the target,
+    the residual branch on the residual, which comes back in SampleResult.aux."""
+    m = two_net()
+    source, target = pair()
+    residual = (target - source) / 2
+    seen = []
+
+    def oracle(x, t, cond):
+        seen.append(t.clone())
+        return {"target": x["target"] - target, "residual": x["residual"] - residual}
+
+    m.denoise = oracle
+    res = m.sample(source, m.prepare_condition(source, source), 6, lambda like: torch.randn_like(like))
+    assert isinstance(res, SampleResult) and set(res.aux) == {"residual"}
+    assert torch.allclose(res.sample, target, atol=1e-5) and torch.allclose(res.aux["residual"], residual, atol=1e-5)
+    assert [int(t[0]) for t in seen] == m.scheduler.timesteps.tolist()
+
+
+@pytest.mark.parametrize("cls", [BBDM, ResShift])
+def test_branches_share_x_t_and_t(cls):
+    """The scheduler loops give every branch the same start and timestep (ResShift: one prior
+    draw), and each its own step noise."""
+    torch.manual_seed(0)
+    m = type("Two", (cls,), {"branches": ("target", "residual")})({"unet": UNET}).eval()
+    source = pair()[0]
+    calls = []
+
+    def record(x, t, cond):
+        calls.append({b: v.clone() for b, v in x.items()})
+        return {b: torch.zeros_like(v) for b, v in x.items()}
+
+    m.denoise = record
+    kw = {"steps": 4} if cls is BBDM else {}
+    res = m.translate(source, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(calls[0]["target"], calls[0]["residual"])  # the same x_T
+    assert not torch.equal(calls[1]["target"], calls[1]["residual"])  # their own noise afterwards
+    assert res.image.shape == source.shape
+
+
+class BestOfN(BBDM):
+    """A custom combine_samples: per slice, the sample closest to the source (a stand-in for
+    rlbcd's latent consistency score), with that closeness as the confidence."""
+
+    gives_confidence = True
+    uncertainty_kind = None
+
+    def combine_samples(self, results, y, cond):
+        samples = torch.stack([self.from_space(r.sample) for r in results])  # (N, B, 1, H, W)
+        distance = (samples - y).abs().mean(dim=(2, 3, 4))                   # (N, B)
+        best = distance.argmin(0)
+        image = samples[best, torch.arange(samples.shape[1])]
+        return Translation(image=image, confidence=-distance.min(0).values, samples=samples)
+
+
+def test_a_custom_combine_selects_a_sample_per_slice_and_sets_confidence():
+    torch.manual_seed(0)
+    m = BestOfN({"unet": UNET, "steps": 4}).eval()
+    nn.init.normal_(m.unet.out[-1].weight, std=0.3)
+    source = pair(3)[0]
+    out = m.translate(source, generator=[torch.Generator().manual_seed(i) for i in range(3)], num_samples=4)
+    distance = (out.samples - source).abs().mean(dim=(2, 3, 4))
+    best = distance.argmin(0)
+    assert (distance.max(0).values - distance.min(0).values).min() > 1e-4  # the choice matters for every slice
+    for b in range(3):
+        assert torch.equal(out.image[b], out.samples[best[b], b])
+    assert torch.equal(out.confidence, -distance.min(0).values) and out.uncertainty is None
+    assert m.capabilities.confidence
+
+
+def test_the_engine_carries_a_methods_confidence_per_slice():
+    from MedTranslateLib import engine
+    from MedTranslateLib.bundle import Bundle, BundleMeta
+    from MedTranslateLib.config import from_dict
+
+    torch.manual_seed(0)
+    m = BestOfN({"unet": UNET, "steps": 4}).eval()
+    nn.init.normal_(m.unet.out[-1].weight, std=0.3)
+    bundle = Bundle(method=m, meta=from_dict(BundleMeta, {"method": "bbdm", **ENGINE_META}), path=Path("best_of_n"))
+    res = engine.VolumeTranslator(bundle, device="cpu", batch_size=3).translate(small_ct(), seed=1, num_samples=3,
+                                                                              slice_range=(2, 7))
+    conf = res.confidence
+    assert conf.shape == (9,) and np.isnan(conf[:2]).all() and np.isnan(conf[7:]).all()
+    assert np.isfinite(conf[2:7]).all() and (conf[2:7] <= 0).all() and np.ptp(conf[2:7]) > 0
+
+
+class CountingCondition(BBDM):
+    """Counts prepare_condition calls (the once-per-translate work)."""
+
+    def prepare_condition(self, source, y):
+        self.prepared = getattr(self, "prepared", 0) + 1
+        return super().prepare_condition(source, y)
+
+
+def test_t_independent_work_runs_once_per_translate(ae_bundle):
+    """prepare_condition (here: the learned source features) runs once per translate, whatever
+    the number of steps and samples; the U-Net runs steps x samples times."""
+    from MedTranslateLib.bundle import load_bundle
+
+    torch.manual_seed(0)
+    m = CountingCondition({"unet": UNET, "steps": 5,
+                           "latent": {"autoencoder_bundle": str(ae_bundle), "source_features": "learned"}},
+                          pretrained={"autoencoder": load_bundle(ae_bundle).method}).eval()
+    features, unet = [], []
+    m.source_features.register_forward_hook(lambda *a: features.append(1))
+    m.unet.register_forward_hook(lambda *a: unet.append(1))
+    m.translate(pair(2, 32)[0], num_samples=3, generator=torch.Generator().manual_seed(0))
+    assert (m.prepared, len(features), len(unet)) == (1, 1, 5 * 3)
+    m.translate(pair(2, 32)[0], steps=3, generator=torch.Generator().manual_seed(0))
+    assert (m.prepared, len(features), len(unet)) == (2, 2, 15 + 3)
+
+
+# ---- latent options: learned source features, per-domain statistics, normalize ---------------
+
+@pytest.mark.parametrize("name", ["bbdm", "resshift"])
+def test_learned_source_features_condition_the_latent_denoiser(name, ae_bundle):
+    """latent.source_features: learned -> ResShift's feature extractor (conv-SiLU-stride-2 conv
+    per factor 2, 16 -> 64 channels for f4) replaces the bilinear resize; it trains with the U-Net
+    and is saved with it. The default (bilinear) adds no parameters."""
+    from MedTranslateLib.bundle import load_bundle
+
+    ae = lambda: {"autoencoder": load_bundle(ae_bundle).method}  # noqa: E731
+    latent = {"autoencoder_bundle": str(ae_bundle)}
+    plain = build_method(name, {"unet": UNET, "latent": latent}, pretrained=ae())
+    assert plain.source_features is None and not any(k.startswith("source_features") for k in plain.state_dict())
+    m = build_method(name, {"unet": UNET, "latent": {**latent, "source_features": "learned"}}, pretrained=ae())
+    convs = [c for c in m.source_features if isinstance(c, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [(1, 16, 1), (16, 32, 2),
+                                                                             (32, 32, 1), (32, 64, 2)]
+    source, target = pair(2, 32)
+    assert m.prepare_condition(source, m.to_space(source, "source")).shape == (2, 64, 8, 8)
+    assert m.unet.in_channels == 2 + 64
+    nn.init.normal_(m.unet.out[-1].weight, std=0.05)  # (zero-initialised: no gradient reaches the input)
+    m.train()
+    m.training_losses({"source": source, "target": target}, nn.ModuleDict(), "main")["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.source_features.parameters())
+    assert {id(p) for p in m.source_features.parameters()} <= {id(p) for p in m.phase_parameters("main", None)}
+    with pytest.raises(ValueError, match="source_features: learned needs condition: source") as err:
+        build_method(name, {"unet": UNET, "condition": "latent", "latent": {**latent, "source_features": "learned"}},
+                     pretrained=ae())
+    assert "\n" not in str(err.value)
+
+
+def test_latent_statistics_per_domain(ae_bundle):
+    """Every latent domain (the branches' and the source) gets its own mean/std over the first
+    batches; the per-channel std goes into the log line even without normalize."""
+    from MedTranslateLib.bundle import load_bundle
+
+    ae = load_bundle(ae_bundle).method
+    torch.manual_seed(0)
+    m = TwoNetBridge({"unet": UNET, "latent": {"autoencoder_bundle": str(ae_bundle), "stats_batches": 1}},
+                     pretrained={"autoencoder": ae})
+    assert m.config.latent.normalize  # the default for latent methods
+    source, target = pair(4, 32)
+    note = m.prepare_training(iter([{"source": source, "target": target}]))
+    assert "latent std per channel" in note and all(f"{d} [" in note for d in ("target", "residual", "source"))
+    for domain, image in (("target", target), ("source", source), ("residual", (target - source) / 2)):
+        z = ae.encode(image)
+        torch.testing.assert_close(getattr(m, f"{domain}_mean").flatten(), z.mean(dim=(0, 2, 3)))
+        torch.testing.assert_close(getattr(m, f"{domain}_std").flatten(), z.std(dim=(0, 2, 3), correction=0))
+        assert torch.allclose(m.to_space(image, domain).std(dim=(0, 2, 3), correction=0), torch.ones(2), atol=1e-4)
+    assert not torch.allclose(m.residual_std, m.target_std)
+    # without normalize the statistics are only logged: the latents stay as they are
+    off = TwoNetBridge({"unet": UNET, "latent": {"autoencoder_bundle": str(ae_bundle), "normalize": False}},
+                       pretrained={"autoencoder": ae})
+    note = off.prepare_training(iter([{"source": source, "target": target}]))
+    assert "latent std per channel" in note and "standardised" not in note
+    assert torch.equal(off.residual_std, torch.ones(1, 2, 1, 1)) and torch.equal(off.to_space(target, "target"),
+                                                                                 ae.encode(target))
+    # bbdm and resshift keep exactly their two domains (and so their bundles' tensor names)
+    plain = build_method("bbdm", {"unet": UNET, "latent": {"autoencoder_bundle": str(ae_bundle)}},
+                         pretrained={"autoencoder": ae})
+    assert sorted(k for k in plain.state_dict() if k.endswith(("_mean", "_std"))) == [
+        "source_mean", "source_std", "target_mean", "target_std"]
+
+
+def test_a_latent_bundle_without_normalize_in_its_yaml_loads_as_trained(ae_bundle, tmp_path):
+    """Every saved bundle records latent.normalize. One whose architecture leaves it out gets
+    the new default (true); a model trained without normalisation holds mean 0 / std 1, with
+    which standardising changes no bit: the same synthetic images."""
+    from MedTranslateLib.bundle import load_bundle, save_bundle
+
+    torch.manual_seed(0)
+    m = build_method("bbdm", {"unet": UNET, "steps": 4,
+                              "latent": {"autoencoder_bundle": str(ae_bundle), "normalize": False}},
+                     pretrained={"autoencoder": load_bundle(ae_bundle).method}).eval()
+    nn.init.normal_(m.unet.out[-1].weight, std=0.05)
+    source, target = pair(2, 32)
+    m.prepare_training(iter([{"source": source, "target": target}]))
+    path = save_bundle(m, ENGINE_META, tmp_path / "old")
+    meta = path / "medtranslate.yaml"
+    text = meta.read_text()
+    assert "normalize: false" in text
+    meta.write_text(text.replace("    normalize: false\n", ""))
+    loaded = load_bundle(path).method
+    assert loaded.config.latent.normalize
+    g = lambda: [torch.Generator().manual_seed(9 + i) for i in range(2)]  # noqa: E731
+    torch.testing.assert_close(loaded.translate(source, generator=g(), num_samples=2).samples,
+                               m.translate(source, generator=g(), num_samples=2).samples, rtol=0, atol=0)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..nn.noise import Generators
 
-__all__ = ["Translation", "TranslationMethod", "Capabilities", "register", "available_methods",
+__all__ = ["Translation", "TranslationMethod", "Capabilities", "TrainingStage", "register", "available_methods",
            "get_method_class", "capabilities_of", "build_method"]
 
 
@@ -66,6 +66,22 @@ class Translation:
     uncertainty: Tensor | None = None
     confidence: Tensor | None = None
     samples: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """A range of training steps in which only some optimisation phases train
+    (``TranslationMethod.training_stages``).
+
+    name:   shown in the training log.
+    start:  the first training step (batch) of the stage; it lasts until the next stage starts
+            (the last one until the end of training).
+    phases: the names of ``optimization_phases()`` that run in it (they run in that order).
+    """
+
+    name: str
+    start: int
+    phases: tuple[str, ...]
 
 
 class TransientState:
@@ -180,6 +196,16 @@ class TranslationMethod(nn.Module):
     def optimization_phases(self) -> list[str]:
         """Names of the optimisation phases run, in this order, on every batch."""
         return ["main"]
+
+    def training_stages(self) -> list[TrainingStage]:
+        """Step-ranged stages, each training a subset of the phases (e.g. a part pretrained alone,
+        then frozen while the rest trains). A phase outside the current stage does not run at all:
+        no loss, no backward, no optimiser or LR-scheduler step, so its parameters, its Adam state
+        and its LR stay as they are. Where a running phase reads a part it does not train, the
+        method keeps that part out of the graph (``no_grad`` / detach) and, if the part has
+        batch-norm statistics, in eval mode. The first stage starts at step 0. Default: none
+        (every phase on every step)."""
+        return []
 
     def set_training_progress(self, step: int) -> str | None:
         """Called by the training loop before every training step with the number of steps

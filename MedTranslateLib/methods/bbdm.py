@@ -25,7 +25,7 @@ weighting. The official EMA (0.995 every 8 steps after 30k) is ``ema_decay`` in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..diffusion import BrownianBridgeScheduler
 from ..nn.diffusion_unet import DenoisingUNetConfig
 from .base import register
-from .diffusion_common import ConditionKind, DiffusionMethod, LatentConfig, NoiseFn
+from .diffusion_common import ConditionKind, DiffusionMethod, LatentConfig, NoiseFn, SampleResult
 
 __all__ = ["BBDM", "BBDMConfig", "BrownianBridgeConfig"]
 
@@ -85,31 +85,36 @@ class BBDM(DiffusionMethod):
         self.scheduler = BrownianBridgeScheduler(b.num_train_timesteps, b.mt_type, b.max_var, b.eta, b.objective,
                                                  clip_sample=clip)
 
-    def diffusion_loss(self, x0: Tensor, y: Tensor, cond: Tensor | None) -> dict[str, Tensor]:
+    def diffusion_loss(self, x0: dict[str, Tensor], y: Tensor, cond: Any) -> dict[str, Tensor]:
+        """One t for the batch, shared by the branches; each branch its own noise and loss (summed)."""
         s = self.scheduler
-        t = torch.randint(0, s.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        x_t = s.add_noise(x0, y, noise, t)                      # BBDM eq. 3
-        target = s.training_target(x0, y, noise, t)             # BBDM eq. 10 ('grad')
-        out = self.unet(self.denoiser_input(x_t, cond), t)
-        err = (out.float() - target.float())
-        loss = err.abs().mean() if self.config.loss == "l1" else err.pow(2).mean()
-        with torch.no_grad():
-            x0_err = (s.predict_x0(out.detach(), x_t, y, t).float() - x0.float()).abs().mean()
-        return {"loss": loss, "x0_l1": x0_err}
+        t = torch.randint(0, s.num_train_timesteps, (y.shape[0],), device=y.device)
+        noise = {b: torch.randn_like(x) for b, x in x0.items()}
+        x_t = {b: s.add_noise(x, y, noise[b], t) for b, x in x0.items()}        # BBDM eq. 3
+        out = self.denoise(x_t, t, cond)
+        per_branch = {}
+        for b, x in x0.items():
+            target = s.training_target(x, y, noise[b], t)                       # BBDM eq. 10 ('grad')
+            err = (out[b].float() - target.float())
+            loss = err.abs().mean() if self.config.loss == "l1" else err.pow(2).mean()
+            with torch.no_grad():
+                x0_err = (s.predict_x0(out[b].detach(), x_t[b], y, t).float() - x.float()).abs().mean()
+            per_branch[b] = (loss, x0_err)
+        return self.branch_losses(per_branch)
 
-    def sample(self, y: Tensor, cond: Tensor | None, steps: int | None, noise: NoiseFn) -> Tensor:
-        """Reverse bridge from x_T = y (BBDM Algorithm 2 with the official skip schedule)."""
+    def sample(self, y: Tensor, cond: Any, steps: int | None, noise: NoiseFn) -> SampleResult:
+        """Reverse bridge from x_T = y (BBDM Algorithm 2 with the official skip schedule), every
+        branch from the same x_T through the same timesteps."""
         s = self.scheduler
         s.set_timesteps(steps if steps is not None else self.config.steps, device=y.device)
-        x = y
+        x = dict.fromkeys(self.branches, y)
         for t in s.timesteps:
-            tt = t.expand(y.shape[0])
-            out = self.unet(self.denoiser_input(x, cond), tt)
+            out = self.denoise(x, t.expand(y.shape[0]), cond)
             last = s.next_timestep(int(t)) is None
-            z = None if last or s.eta == 0 else noise(x)
-            x, _ = s.step(out, int(t), x, y, noise=z)            # BBDM eqs. 11-13
-        return x
+            for b in self.branches:
+                z = None if last or s.eta == 0 else noise(x[b])
+                x[b], _ = s.step(out[b], int(t), x[b], y, noise=z)                # BBDM eqs. 11-13
+        return self.sample_result(x)
 
     def validation_output(self, batch: dict) -> Tensor:
         # validation during training: a short skip schedule keeps it affordable

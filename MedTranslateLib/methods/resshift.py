@@ -20,7 +20,7 @@ NeurIPS formula (ResShift issue #137). Sampling always runs all T trained steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..diffusion import ResShiftScheduler
 from ..nn.diffusion_unet import DenoisingUNetConfig
 from .base import register
-from .diffusion_common import ConditionKind, DiffusionMethod, LatentConfig, NoiseFn
+from .diffusion_common import ConditionKind, DiffusionMethod, LatentConfig, NoiseFn, SampleResult
 
 __all__ = ["ResShift", "ResShiftConfig", "ResShiftProcessConfig"]
 
@@ -77,24 +77,30 @@ class ResShift(DiffusionMethod):
                                            eta_schedule_convention=p.eta_schedule_convention,
                                            input_scaling=p.input_scaling, clip_sample=clip)
 
-    def _predict_x0(self, x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-        return self.unet(self.denoiser_input(self.scheduler.scale_model_input(x_t, t), cond), t)
-
-    def diffusion_loss(self, x0: Tensor, y: Tensor, cond: Tensor | None) -> dict[str, Tensor]:
+    def _predict_x0(self, x_t: dict[str, Tensor], t: Tensor, cond: Any) -> dict[str, Tensor]:
         s = self.scheduler
-        t = torch.randint(0, s.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        x_t = s.add_noise(x0, y, torch.randn_like(x0), t)       # dfbk eq. 2
-        pred = self._predict_x0(x_t, t, cond)
-        loss = (pred.float() - x0.float()).pow(2).mean()        # dfbk eq. 4, plain MSE on x0
-        return {"loss": loss, "x0_l1": (pred.detach().float() - x0.float()).abs().mean()}
+        return self.denoise({b: s.scale_model_input(x, t) for b, x in x_t.items()}, t, cond)
 
-    def sample(self, y: Tensor, cond: Tensor | None, steps: int | None, noise: NoiseFn) -> Tensor:
-        """x_T = y + κ√η_T ε, then T posterior steps (dfbk eq. 3)."""
+    def diffusion_loss(self, x0: dict[str, Tensor], y: Tensor, cond: Any) -> dict[str, Tensor]:
+        """One t for the batch, shared by the branches; each branch its own noise and loss (summed)."""
+        s = self.scheduler
+        t = torch.randint(0, s.num_train_timesteps, (y.shape[0],), device=y.device)
+        x_t = {b: s.add_noise(x, y, torch.randn_like(x), t) for b, x in x0.items()}  # dfbk eq. 2
+        pred = self._predict_x0(x_t, t, cond)
+        per_branch = {}
+        for b, x in x0.items():
+            err = pred[b].float() - x.float()
+            per_branch[b] = (err.pow(2).mean(), err.detach().abs().mean())   # dfbk eq. 4, plain MSE on x0
+        return self.branch_losses(per_branch)
+
+    def sample(self, y: Tensor, cond: Any, steps: int | None, noise: NoiseFn) -> SampleResult:
+        """x_T = y + κ√η_T ε, then T posterior steps (dfbk eq. 3); every branch from that x_T."""
         s = self.scheduler
         s.set_timesteps(steps, device=y.device)  # only None or T: one-line error otherwise
-        x = s.prior_sample(y, noise=noise(y))
+        x = dict.fromkeys(self.branches, s.prior_sample(y, noise=noise(y)))
         for t in s.timesteps:
             tt = t.expand(y.shape[0])
             pred = self._predict_x0(x, tt, cond)
-            x, _ = s.step(pred, tt, x, noise=noise(x) if int(t) > 0 else None)
-        return x
+            for b in self.branches:
+                x[b], _ = s.step(pred[b], tt, x[b], noise=noise(x[b]) if int(t) > 0 else None)
+        return self.sample_result(x)
