@@ -7,6 +7,7 @@ from its YAML config; ``get_method_class(name)`` gives the class (``.Config`` is
 from . import autoencoder, bbdm, cyclegan, dgpg, pix2pix, resshift  # noqa: F401  (importing a method module registers it)
 from .base import (
     Capabilities,
+    TrainingStage,
     Translation,
     TranslationMethod,
     available_methods,
@@ -16,5 +17,5 @@ from .base import (
     register,
 )
 
-__all__ = ["Capabilities", "Translation", "TranslationMethod", "available_methods", "build_method", "capabilities_of", "get_method_class",
+__all__ = ["Capabilities", "TrainingStage", "Translation", "TranslationMethod", "available_methods", "build_method", "capabilities_of", "get_method_class",
            "register"]

@@ -4,9 +4,13 @@
 
 What the loop does (Lightning, manual optimisation):
 
-- Each batch runs the method's ``optimization_phases()`` in order; per phase: zero that phase's
-  gradients, ``losses = method.training_losses(batch, parts, phase)``, backward ``losses["loss"]``,
-  optionally clip, step the phase's Adam. Methods keep gradients out of other phases' parameters
+- Each batch runs the phases of the method's current ``training_stages()`` stage (by default every
+  one of ``optimization_phases()``), in order; per phase: zero that phase's gradients,
+  ``losses = method.training_losses(batch, parts, phase)``, backward ``losses["loss"]``, optionally
+  clip, step the phase's Adam, then its LR scheduler (``optim.schedule``: constant, cosine with an
+  optional linear warm-up as ResShift, or plateau on the training loss as BBDM). A phase outside
+  the current stage does not run: its parameters, optimiser state and LR stay as they are.
+  ``train/<phase>/lr`` and ``train/stage`` are logged; a stage change is one line on stderr. Methods keep gradients out of other phases' parameters
   themselves (detach / frozen discriminator). ``step`` below means one batch (all phases), not
   Lightning's ``global_step``, which counts optimiser steps (phases x batches).
 - EMA of the inference weights (``train.ema_decay``, else the method's ``ema_decay``): validation

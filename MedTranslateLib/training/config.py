@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .. import data as mdata
 from ..config import apply_overrides, from_dict, load_yaml, to_dict
@@ -56,6 +56,27 @@ class DataConfig:
                                min_foreground=self.min_foreground)
 
 
+Schedule = Literal["constant", "cosine", "plateau"]
+
+
+@dataclass
+class PlateauConfig:
+    """``ReduceLROnPlateau`` (mode min, relative threshold) of the ``plateau`` schedule; the
+    defaults are BBDM's configs (``model.BB.lr_scheduler``). Counted in the steps the phase trains."""
+
+    factor: float = 0.5
+    patience: int = 3000
+    cooldown: int = 3000
+    threshold: float = 1.0e-4
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.factor < 1.0:
+            raise ValueError(f"optim.plateau.factor must be in (0, 1), got {self.factor}")
+        for name in ("patience", "cooldown", "threshold"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"optim.plateau.{name} must be >= 0, got {getattr(self, name)}")
+
+
 @dataclass
 class PhaseOptimConfig:
     """Per-phase overrides of the optimiser settings (None: the global value)."""
@@ -63,16 +84,37 @@ class PhaseOptimConfig:
     lr: float | None = None
     betas: tuple[float, float] | None = None
     weight_decay: float | None = None
+    schedule: Schedule | None = None
+    lr_min: float | None = None
+    warmup_steps: int | None = None
 
 
 @dataclass
 class OptimConfig:
-    """Adam (AdamW when weight_decay > 0) per phase; ``phases`` overrides by phase name."""
+    """Adam (AdamW when weight_decay > 0) per phase and its LR schedule; ``phases`` overrides by
+    phase name. Schedules count the steps the phase trains (all steps unless the method has stages):
+
+    - ``constant`` (default): the LR stays ``lr`` (no scheduler).
+    - ``cosine``: cosine annealing from ``lr`` to ``lr_min`` over the phase's steps,
+      ``CosineAnnealingLR`` stepped after every step (ResShift's trainer, per iteration).
+    - ``plateau``: ``ReduceLROnPlateau`` down to ``lr_min``, stepped after every step with that
+      step's training loss of the phase, as BBDM's runner does (BBDM: ``min_lr`` 5e-7). Under DDP
+      the loss is averaged over the ranks first (BBDM steps each rank with its own loss, so its
+      ranks' LRs can drift apart). See ``plateau``.
+
+    ``warmup_steps`` (constant / cosine): the LR of the phase's step k < warmup_steps is
+    lr * (k + 1) / warmup_steps (``LinearLR``), then the schedule starts (cosine over the phase's
+    steps minus the warm-up). ResShift warms up 5000 iterations (its first iteration runs at the
+    full lr, the ramp follows one iteration later)."""
 
     lr: float = 2.0e-4
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    schedule: Schedule = "constant"
+    lr_min: float = 0.0
+    warmup_steps: int = 0
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
     phases: dict[str, PhaseOptimConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -80,14 +122,29 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+        for phase in [None, *self.phases]:
+            self.schedule_for(phase)  # validates every phase's resolved schedule
+
+    def _pick(self, phase: str | None, name: str) -> Any:
+        over = getattr(self.phases.get(phase) if phase else None, name, None)
+        return over if over is not None else getattr(self, name)
 
     def for_phase(self, phase: str) -> dict[str, Any]:
-        over = self.phases.get(phase, PhaseOptimConfig())
-        return {
-            "lr": over.lr if over.lr is not None else self.lr,
-            "betas": tuple(over.betas if over.betas is not None else self.betas),
-            "weight_decay": over.weight_decay if over.weight_decay is not None else self.weight_decay,
-        }
+        """Keyword arguments of the phase's Adam."""
+        return {"lr": self._pick(phase, "lr"), "betas": tuple(self._pick(phase, "betas")),
+                "weight_decay": self._pick(phase, "weight_decay")}
+
+    def schedule_for(self, phase: str | None) -> dict[str, Any]:
+        """The phase's ``schedule``, ``lr_min`` and ``warmup_steps`` (None: the global ones)."""
+        key = f"optim.phases.{phase}" if phase else "optim"
+        lr, out = self._pick(phase, "lr"), {n: self._pick(phase, n) for n in ("schedule", "lr_min", "warmup_steps")}
+        if not 0.0 <= out["lr_min"] <= lr:
+            raise ValueError(f"{key}.lr_min must be in [0, lr = {lr}], got {out['lr_min']}")
+        if out["warmup_steps"] < 0:
+            raise ValueError(f"{key}.warmup_steps must be >= 0, got {out['warmup_steps']}")
+        if out["warmup_steps"] and out["schedule"] == "plateau":
+            raise ValueError(f"{key}: warmup_steps works with the constant and cosine schedules, not plateau")
+        return out
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..runtime import Precision, distributed_env
 from .config import TrainConfig, TrainSettings, _paired, build_training_method
 from .data import _preparation_batches, build_datasets, case_splits
 from .module import PeriodicCheckpoint, TranslationDataModule, TranslationModule
-from .state import CHECKPOINT_NAME, AtomicCheckpointIO, check_checkpoint
+from .state import CHECKPOINT_NAME, AtomicCheckpointIO, check_checkpoint, check_schedules
 
 
 def _on_gpu(train: TrainSettings) -> bool:
@@ -113,8 +113,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -
         raise ValueError(f"{ckpt}: no checkpoint to resume from (train.out_dir={out_dir})")
     if not resume and ckpt.exists():
         raise ValueError(f"{ckpt} exists: pass --resume to continue that run, or choose another train.out_dir")
-    if resume:  # fail before any setup on an unreadable or foreign checkpoint
-        check_checkpoint(AtomicCheckpointIO().load_checkpoint(ckpt), cfg, where=str(ckpt))
+    # fail before any setup on an unreadable or foreign checkpoint
+    state = check_checkpoint(AtomicCheckpointIO().load_checkpoint(ckpt), cfg, where=str(ckpt)) if resume else None
     paired = _paired(cfg)
     tr = cfg.train
 
@@ -134,28 +134,29 @@ def fit(cfg: TrainConfig, *, resume: bool = False, command: str | None = None) -
     if note and _env_rank() == 0:
         print(f"{cfg.method}: {note}", file=sys.stderr)
     module = TranslationModule(method, method.build_training_parts(), cfg)
+    if state is not None:  # the LR schedules are per phase: known once the method is built
+        check_schedules(state, cfg, module.phases, where=str(ckpt))
 
     if _env_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     tb = TensorBoardLogger(save_dir=str(out_dir), name="logs", default_hp_metric=False)
     csv = CSVLogger(save_dir=str(out_dir), name="logs", version=tb.version)
-    phases = len(module.phases)
     has_val = "val" in datasets
     trainer = pl.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, num_nodes=tr.num_nodes, strategy=_strategy(tr),
         precision=lightning_precision(tr),
-        # global_step counts optimiser steps. One Lightning "epoch" is the rest of the StepSampler
-        # stream; a run extended past a finished one (--resume with a larger max_steps) goes on in
-        # a second epoch from the step reached.
-        max_steps=tr.max_steps * phases, max_epochs=-1,
+        # global_step counts optimiser steps (one per phase run: StagePlan). One Lightning "epoch"
+        # is the rest of the StepSampler stream; a run extended past a finished one (--resume with
+        # a larger max_steps) goes on in a second epoch from the step reached.
+        max_steps=module.plan.optimizer_steps(tr.max_steps), max_epochs=-1,
         val_check_interval=min(tr.val_every, tr.max_steps) if has_val else 1.0,
         check_val_every_n_epoch=None if has_val else 1,
         limit_val_batches=(tr.val_batches or 1.0) if has_val else 0,
         num_sanity_val_steps=0, log_every_n_steps=tr.log_every, use_distributed_sampler=False,
         logger=[tb, csv], enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=tr.progress_bar if tr.progress_bar is not None else sys.stderr.isatty(),
-        callbacks=[PeriodicCheckpoint(ckpt, tr.checkpoint_every, tr.max_steps, phases)],
+        callbacks=[PeriodicCheckpoint(ckpt, tr.checkpoint_every, tr.max_steps)],
         plugins=[AtomicCheckpointIO()], default_root_dir=str(out_dir),
     )
     for logger in trainer.loggers:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +113,29 @@ def check_checkpoint(checkpoint: Mapping[str, Any], cfg: TrainConfig, where: str
         raise ValueError(f"{where}: holds a {state.get('method')} model with another model config than the one "
                          f"given; resume with the config the run was started with")
     return dict(state)
+
+
+def schedule_record(cfg: TrainConfig, phase: str) -> dict[str, Any]:
+    """What a checkpoint keeps of the LR schedule of ``phase``: the settings its scheduler state
+    depends on (Lightning restores the scheduler from the checkpoint, so they cannot change on a
+    resume). A cosine curve is planned over the run's ``train.max_steps``."""
+    s = cfg.optim.schedule_for(phase)
+    record = {"schedule": s["schedule"], "warmup_steps": s["warmup_steps"]}
+    if s["schedule"] == "cosine":
+        record.update(lr_min=s["lr_min"], max_steps=cfg.train.max_steps)
+    if s["schedule"] == "plateau":
+        record.update(lr_min=s["lr_min"], **to_dict(cfg.optim.plateau))
+    return record
+
+
+def check_schedules(state: Mapping[str, Any], cfg: TrainConfig, phases: Sequence[str],
+                    where: str = "checkpoint") -> None:
+    """ValueError unless the checkpoint ``state`` trained ``phases`` with the LR schedules of
+    ``cfg`` (``schedule_record``). Checkpoints from before LR schedules trained every phase at a
+    constant LR."""
+    saved = state.get("schedules") or {}
+    for phase in phases:
+        was, now = saved.get(phase, {"schedule": "constant", "warmup_steps": 0}), schedule_record(cfg, phase)
+        if was != now:
+            raise ValueError(f"{where}: phase {phase!r} trained with the LR schedule {was}, the config gives {now}; "
+                             f"resume with the optim and train.max_steps settings the run was started with")
