@@ -4,7 +4,7 @@
 from its YAML config; ``get_method_class(name)`` gives the class (``.Config`` is its dataclass).
 """
 
-from . import autoencoder, bbdm, cyclegan, dgpg, pix2pix, resshift  # noqa: F401  (importing a method module registers it)
+from . import autoencoder, bbdm, c2fmit, cyclegan, dfbk, dgpg, pix2pix, resshift, rlbcd  # noqa: F401  (importing a method module registers it)
 from .base import (
     Capabilities,
     TrainingStage,

@@ -206,6 +206,12 @@ def load_train_config(path: str | os.PathLike, overrides: Sequence[str] = ()) ->
         raise ValueError(f"'method' in {where}: {exc}") from None
     model_cfg = from_dict(cls.Config, cfg.model, where=where, prefix="model")
     cfg.model = to_dict(model_cfg)
+    check_presets = getattr(cls, "check_presets", None)  # rlbcd: one preset for an image residual
+    if check_presets is not None:
+        try:
+            check_presets(model_cfg, cfg.data.source_preset, cfg.data.target_preset)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     phases = build_training_method(cfg).optimization_phases() if cfg.optim.phases else []
     for name in cfg.optim.phases:
         if name not in phases:
@@ -228,4 +234,10 @@ def build_training_method(cfg: TrainConfig) -> TranslationMethod:
     cls = get_method_class(cfg.method)
     config = from_dict(cls.Config, cfg.model, where="config", prefix="model")
     pretrained = {name: load_bundle(Path(path)).method for name, path in cls.pretrained_bundles(config).items()}
-    return build_method(cfg.method, config, pretrained=pretrained or None)
+    method = build_method(cfg.method, config, pretrained=pretrained or None)
+    kg = getattr(config, "kg", None)  # dfbk: the prompts' text embedding (training/embed_text.py)
+    if kg is not None and kg.enabled and kg.text != "random" and kg.embedding_file:
+        from safetensors.torch import load_file  # a tensor file: never unpickled
+
+        method.set_text_embedding(load_file(kg.embedding_file)["embedding"])
+    return method
