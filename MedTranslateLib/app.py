@@ -196,13 +196,13 @@ class ModelCache:
             stamp = max(p.stat().st_mtime_ns for p in ([path] + (list(path.iterdir()) if path.is_dir() else [])))
         except OSError:
             stamp = 0
-        key = (str(path), stamp, options.device, options.precision, options.batch_size)
+        key = (str(path), stamp, options.device, options.precision, options.batch_size, options.backend)
         with self._lock:
             if self._key != key:
                 self._translator = None  # release the previous model first (GPU memory)
                 self._translator = VolumeTranslator(load_model(path), device=options.device,
                                                     precision=options.precision, batch_size=options.batch_size,
-                                                    baseline_metrics=True)
+                                                    baseline_metrics=True, backend=options.backend)
                 self._key = key
             # per-run settings: no reason to load the model again for them
             self._translator.shared_noise = bool(options.shared_noise)
@@ -245,6 +245,8 @@ class TranslationOptions:
     outputs: frozenset[str] | None = None
     #: CPU threads for torch: a positive int, "auto" (``runtime.default_threads``) or None (as set)
     threads: int | str | None = None
+    #: "pytorch", or "auto": ONNX Runtime for the method's networks on CPU when installed and checked
+    backend: str = "pytorch"
 
     def __post_init__(self) -> None:
         def whole(value: Any) -> bool:
@@ -258,6 +260,8 @@ class TranslationOptions:
             raise UserError(f"sampling steps must be a positive integer, got {self.steps!r}")
         if self.threads not in (None, "auto") and not (whole(self.threads) and self.threads >= 1):
             raise UserError(f"threads must be a positive integer or 'auto', got {self.threads!r}")
+        if self.backend not in ("auto", "pytorch"):
+            raise UserError(f"backend must be 'auto' or 'pytorch', got {self.backend!r}")
 
     @property
     def roi_only(self) -> bool:

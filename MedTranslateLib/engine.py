@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from . import io as mio
+from . import onnx_backend
 from .bundle import Bundle, BundleError, meta_rois, side_preset
 from .data import SliceGeometry, body_mask
 from .intensity import IntensityPreset
@@ -167,6 +168,9 @@ class VolumeTranslator:
     channels_last: "auto" (on; switched off with a warning if the method fails on channels-last
         input) or a bool. max_batch_size: cap of the automatic batch size.
     baseline_metrics: also compute the identity baseline's metrics when a reference is given.
+    backend: "pytorch", or "auto": on CPU without autocast, the method's inference networks run
+        through ONNX Runtime when it is installed and its export matches PyTorch on the first batch
+        (``onnx_backend``; ``info["backend"]`` says which ran).
 
     Slices are taken as the bundle's ``slice`` spec says (the one training used: axis, size,
     in-plane box margin); ROI names and capabilities come from the bundle and its method.
@@ -175,7 +179,7 @@ class VolumeTranslator:
     def __init__(self, bundle: Bundle, device: str | torch.device = "auto",
                  precision: str = "auto", batch_size: int | str = "auto", *, shared_noise: bool = False,
                  extent_margin: int = 4, channels_last: bool | str = "auto", max_batch_size: int = 64,
-                 baseline_metrics: bool = False) -> None:
+                 baseline_metrics: bool = False, backend: str = "pytorch") -> None:
         if not isinstance(bundle, Bundle):
             raise TypeError(f"VolumeTranslator needs a loaded Bundle (bundle.load_bundle or app.load_model), "
                             f"got {type(bundle).__name__}")
@@ -212,6 +216,10 @@ class VolumeTranslator:
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
         self.baseline_metrics = bool(baseline_metrics)
+        if backend not in ("auto", "pytorch"):
+            raise ValueError(f"backend must be 'auto' or 'pytorch', got {backend!r}")
+        self.backend = "pytorch"  # what runs the networks, decided on the first batch
+        self._backend_pending = backend == "auto"
 
     # -- public -----------------------------------------------------------------------------
     @property
@@ -338,7 +346,8 @@ class VolumeTranslator:
         result = self._assemble(vol, ref, mask_arrays, body, src_preset, tgt_preset, synthetic, unc, conf,
                                 first, last, want)
         result.info = {
-            "device": str(self.device), "precision": self.precision, "batch_size": int(batch),
+            "device": str(self.device), "precision": self.precision, "backend": self.backend,
+            "batch_size": int(batch),
             "oom_retries": retries, "seed": int(seed), "shared_noise": self.shared_noise,
             "steps": steps, "num_samples": num_samples, "slices": int(total),
             "box": list(geometry.box), "size": self.size, "axis": axis,
@@ -448,6 +457,11 @@ class VolumeTranslator:
                 mt = torch.from_numpy(np.ascontiguousarray(m[idx], dtype=np.float32)).to(dev, non_blocking=True)
                 masks[name] = geometry.apply(mt, mode="nearest", fill=0.0).unsqueeze(1)
         extra = {"shared_noise": True} if self.shared_noise and self.capabilities.shared_noise else {}
+        if self._backend_pending:  # once, on the first batch: CPU without autocast only
+            self._backend_pending = False
+            if self.autocast_dtype is None:
+                self.backend = onnx_backend.maybe_accelerate(self.method, x, dev, bundle=self.bundle, masks=masks,
+                                                             steps=steps)
         with torch.inference_mode(), torch.autocast(device_type=dev.type, dtype=self.autocast_dtype or torch.float32,
                                                     enabled=self.autocast_dtype is not None):
             tr = self.method.translate(x, masks=masks, steps=steps, num_samples=num_samples,

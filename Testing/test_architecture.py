@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"methods"},
     {"bundle"},
     {"model_store"},
+    {"onnx_backend"},
     {"engine", "training"},
     {"app", "runner"},  # the runner: the application layer in a process of its own
     {"mrml", "evaluation"},  # front ends

@@ -12,7 +12,7 @@ import torch
 from conftest import rotation_direction
 from scipy import ndimage
 
-from MedTranslateLib import engine, io, maps
+from MedTranslateLib import engine, io, maps, onnx_backend
 from MedTranslateLib.bundle import BundleError, load_bundle, save_bundle
 from MedTranslateLib.methods import Translation, build_method
 
@@ -396,6 +396,22 @@ def test_bf16_autocast_on_cpu_is_close_to_fp32(det_bundle_path):
     res = tr.translate(vol)
     assert res.info["precision"] == "bf16"
     assert np.abs(res.synthetic.array - ref).mean() < 10.0  # HU, in a 1000 HU window
+
+
+def test_onnx_runtime_backend_matches_pytorch_and_says_so(det_bundle_path, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")  # in requirements-dev.txt: CI runs this
+    monkeypatch.setenv("MEDTRANSLATE_HOME", str(tmp_path))  # the export cache
+    vol = ct_volume()
+    eager = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu").translate(vol, seed=1)
+    tr = engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", backend="auto")
+    ort = tr.translate(vol, seed=1)
+    assert eager.info["backend"] == "pytorch" and ort.info["backend"] == "onnxruntime"
+    assert isinstance(tr.method.generator, onnx_backend.OrtNetwork)  # the network ORT runs
+    half_window = ort.info["target_preset"]["width"] / 2  # 1e-4 in [-1, 1], in HU
+    assert np.abs(ort.synthetic.array - eager.synthetic.array).max() <= 1e-4 * half_window
+    assert list(tmp_path.glob("onnx-cache/*.onnx"))  # exported once, beside the model store
+    with pytest.raises(ValueError, match="backend must be"):
+        engine.VolumeTranslator(load_bundle(det_bundle_path), device="cpu", backend="onnx")
 
 
 def test_loaded_bundle_and_bad_arguments(det_bundle_path):

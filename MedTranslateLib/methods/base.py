@@ -188,6 +188,13 @@ class TranslationMethod(nn.Module):
         if not source.is_floating_point():
             raise ValueError(f"{self.name}: expected a floating-point source in [-1, 1], got {source.dtype}")
 
+    def inference_networks(self) -> dict[str, nn.Module]:
+        """The networks ``translate`` calls that another runtime may run in their place
+        (``onnx_backend.maybe_accelerate``: ONNX Runtime on CPU): {submodule path: module}, each
+        called with positional tensors whose first dimension is the batch, returning one tensor,
+        deterministic in eval mode; replaced through ``nn.Module.set_submodule``. Default: none."""
+        return {}
+
     # ---- training side (never saved in bundles) ----------------------------------------------
     def build_training_parts(self) -> nn.ModuleDict:
         """Discriminators, loss networks, ... (not part of ``self``: bundles never hold them)."""

@@ -179,6 +179,11 @@ class Pix2Pix(TranslationMethod):
             return Translation(image=samples[0])
         return Translation(image=samples.mean(0), uncertainty=samples.std(0), samples=samples)
 
+    def inference_networks(self) -> dict[str, nn.Module]:
+        """The generator, ``generator(source)``; none with test-time dropout (its noise is the
+        output's, and an exported network has no dropout)."""
+        return {} if self.config.test_time_dropout else {"generator": self.generator}
+
     # ---- training --------------------------------------------------------------------------------
     def build_training_parts(self) -> nn.ModuleDict:
         d = self.config.discriminator
