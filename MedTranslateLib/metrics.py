@@ -24,8 +24,11 @@ term assumes non-negative intensities.
 
 The SSIM map is scikit-image's ``structural_similarity`` defaults (Wang et al. 2004 with a
 uniform window): 7 voxels wide along every axis, sample (co)variances (N / (N - 1), N = 7**ndim),
-``C1 = (0.01 R)**2``, ``C2 = (0.03 R)**2``. It is computed here with scipy (float64), without
-scikit-image, and agrees with it (float64 inputs) to ~1e-12.
+``C1 = (0.01 R)**2``, ``C2 = (0.03 R)**2``. It is computed here without scikit-image, with box
+means from sums of shifted views, in float32 on values centred at water (value range) or at the
+reference's mean, the luminance term adding the centre back: ~1.8x faster than float64 on a
+512 x 512 x 300 CT (issue 14), and within ~2e-7 of the float64 result there (tests: 1e-6 of
+scikit-image). MAE, RMSE and PSNR are float64.
 
 Edge cases: PSNR is ``inf`` when the two volumes agree exactly where it is measured (as in
 scikit-image and the SynthRAD2023 code; ``json.dumps`` writes it as ``Infinity``). SSIM is
@@ -248,27 +251,33 @@ def _error_sums(ref: np.ndarray, syn: np.ndarray, region: np.ndarray | None,
     return count, abs_sum, sq_sum, clipped_sq_sum
 
 
-def _ssim_preparation(bounds: tuple[float, float] | None) -> _Prepare:
-    """How a block of an input becomes SSIM's input (float64)."""
-    if bounds is None:
-        return lambda block, inside: block.astype(np.float64)
-    lo, hi = bounds
-    shift = min(lo, 0.0)
+def _ssim_centre(ref: np.ndarray, bounds: tuple[float, float] | None) -> float:
+    """The value SSIM's float32 inputs are centred on (in the units of ``ref``): water (0, clipped
+    into the range) for a value range, else the reference's mean. One constant per call, so that
+    every voxel's SSIM is the same number whatever the tiling."""
+    if bounds is not None:
+        return min(max(0.0, bounds[0]), bounds[1])
+    return float(ref.mean(dtype=np.float64))
 
+
+def _ssim_preparation(bounds: tuple[float, float] | None, centre: float) -> _Prepare:
+    """How a block of an input becomes SSIM's input: float32, minus ``centre``; clipped, and
+    ``lo`` outside the mask, for a value range."""
     def prepare(block: np.ndarray, inside: np.ndarray | None) -> np.ndarray:
-        out = block.astype(np.float64)
-        np.clip(out, lo, hi, out=out)
-        if inside is not None:
-            out[~inside] = lo
-        out -= shift
+        out = block.astype(np.float32)
+        if bounds is not None:
+            np.clip(out, bounds[0], bounds[1], out=out)
+            if inside is not None:
+                out[~inside] = bounds[0]
+        out -= centre
         return out
 
     return prepare
 
 
 def _ssim_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Local mean and sample variance (N / (N - 1), N = 7**ndim) of ``x`` (float64) at every voxel
-    whose window lies inside it (shape minus 6 along every axis)."""
+    """Local mean and sample variance (N / (N - 1), N = 7**ndim) of ``x`` at every voxel whose
+    window lies inside it (shape minus 6 along every axis)."""
     n = SSIM_WINDOW**x.ndim
     mx = _box_mean(x)
     vx = _box_mean(x * x)
@@ -277,9 +286,15 @@ def _ssim_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mx, vx
 
 
-def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float,
+def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float, offset: float,
               x_stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """SSIM at every voxel of ``x``/``y`` (float64) whose window lies inside them.
+    """SSIM at every voxel of ``x``/``y`` (prepared: centred float32) whose window lies inside
+    them; ``offset``: what the luminance term adds back to the centred means (the SSIM input's
+    value at 0 of the prepared one: ``centre - shift``, the shift making a value range non-negative).
+
+    Variances and covariance are shift-invariant and computed on the centred values, where float32
+    keeps them to ~1e-7 of float64 (uncentred, E[x^2] - E[x]^2 of values near 1000 would lose
+    most digits); only the luminance term needs the means themselves.
 
     Returns shape ``x.shape`` minus 6 along every axis. ``x_stats``: ``_ssim_stats(x)`` when
     already computed (the reference's, shared by several images).
@@ -291,6 +306,8 @@ def _ssim_map(x: np.ndarray, y: np.ndarray, data_range: float,
     mx, vx = _ssim_stats(x) if x_stats is None else x_stats
     my, vy = _ssim_stats(y)
     vxy = cov_norm * (_box_mean(x * y) - mx * my)
+    mx = mx + offset
+    my = my + offset
     numerator = (2 * mx * my + c1) * (2 * vxy + c2)
     denominator = (mx * mx + my * my + c1) * (vx + vy + c2)
     return numerator / denominator
@@ -331,7 +348,9 @@ def _ssim(ref: np.ndarray, syns: list[np.ndarray], region: np.ndarray | None,
         if inner_box is None:
             return [math.nan] * len(syns)
         box = tuple(slice(b.start + _HALF, b.stop + _HALF) for b in inner_box)
-    prepare = _ssim_preparation(bounds)
+    centre = _ssim_centre(ref, bounds)
+    prepare = _ssim_preparation(bounds, centre)
+    offset = centre - (min(bounds[0], 0.0) if bounds is not None else 0.0)
     totals, count = [0.0] * len(syns), 0
     for out in _tiles(box):
         src = tuple(slice(s.start - _HALF, s.stop + _HALF) for s in out)
@@ -340,9 +359,9 @@ def _ssim(ref: np.ndarray, syns: list[np.ndarray], region: np.ndarray | None,
         x = prepare(ref[src], inside_src)
         x_stats = _ssim_stats(x)
         for k, syn in enumerate(syns):
-            ssim_map = _ssim_map(x, prepare(syn[src], inside_src), data_range, x_stats)
+            ssim_map = _ssim_map(x, prepare(syn[src], inside_src), data_range, offset, x_stats)
             if inside is not None:
                 ssim_map = ssim_map[inside]
-            totals[k] += float(ssim_map.sum())
+            totals[k] += float(ssim_map.sum(dtype=np.float64))
         count += int(inside.sum()) if inside is not None else math.prod(s.stop - s.start for s in out)
     return [total / count for total in totals]
