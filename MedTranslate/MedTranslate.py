@@ -656,7 +656,7 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         added = len(nodes.nodes())
         lines = [_("Added '{name}' and {count} more node(s) in {seconds:.1f} s on {device}.").format(
             name=nodes.synthetic.GetName(), count=added - 1, seconds=seconds, device=nodes.info.get("device", "?"))]
-        summary = mrml.metrics_summary(nodes.metrics, nodes.units)
+        summary = mrml.metrics_summary(nodes.metrics, nodes.units, confidence=nodes.confidence)
         if summary:
             lines.append(summary)
         lines.append(_("Synthetic images are not for diagnosis."))

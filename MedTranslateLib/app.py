@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .maps import confidence_summary
 from .modality import modality_label, model_fits
 from .regions import DEFAULT_ROIS
 from .runtime import first_line
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["UserError", "readable_error", "ModelChoice", "model_choices", "model_choice", "load_model",
            "bundled_models", "phantom_case", "ModelCache", "TranslationOptions", "TranslationRequest", "TranslationOutcome",
            "ALL_ROIS", "METRICS_FILE", "run_translation", "output_files", "write_json", "write_outputs",
-           "write_case_folder", "metrics_document"]
+           "write_case_folder", "metrics_document", "confidence_document"]
 
 #: ``TranslationOptions.slices`` value: the slices holding any ROI mask of the case (+- margin).
 ALL_ROIS = "rois"
@@ -247,6 +248,9 @@ class TranslationOptions:
     threads: int | str | None = None
     #: "pytorch", or "auto": ONNX Runtime for the method's networks on CPU when installed and checked
     backend: str = "pytorch"
+    #: "per_slice" (the method's own choice per slice) or "per_volume" (one sample index for the
+    #: whole volume, for methods that score their samples: ``engine.SELECT_MODES``)
+    select: str = "per_slice"
 
     def __post_init__(self) -> None:
         def whole(value: Any) -> bool:
@@ -262,6 +266,8 @@ class TranslationOptions:
             raise UserError(f"threads must be a positive integer or 'auto', got {self.threads!r}")
         if self.backend not in ("auto", "pytorch"):
             raise UserError(f"backend must be 'auto' or 'pytorch', got {self.backend!r}")
+        if self.select not in ("per_slice", "per_volume"):
+            raise UserError(f"select must be 'per_slice' or 'per_volume', got {self.select!r}")
 
     @property
     def roi_only(self) -> bool:
@@ -361,7 +367,7 @@ def run_translation(request: TranslationRequest, *, cache: ModelCache | None = N
     result = translator.translate(case.source, masks=case.masks or None, reference=case.reference,
                                   steps=opts.steps or None, num_samples=int(opts.num_samples), seed=opts.seed,
                                   slice_range=_slice_range(request, translator), progress=progress, cancel=cancel,
-                                  outputs=opts.outputs)
+                                  outputs=opts.outputs, select=opts.select)
     return TranslationOutcome(result, translator)
 
 
@@ -392,7 +398,18 @@ def metrics_document(outcome: TranslationOutcome, case: Any = None) -> dict:
             "case": getattr(case, "name", None), "input": str(getattr(case, "source", "")) or None,
             "metrics": result.metrics, "identity": result.baseline_metrics,
             "consistency": result.consistency, "slice_range": list(result.slice_range),
-            "info": result.info}
+            "confidence": confidence_document(result.confidence), "info": result.info}
+
+
+def confidence_document(confidence: Any) -> dict | None:
+    """The ``confidence`` entry of the metrics JSON: ``per_slice`` (one value per slice along the
+    axis, null where not translated) and ``summary`` (``maps.confidence_summary``); None when the
+    method gives no confidence."""
+    summary = confidence_summary(confidence)
+    if summary is None:
+        return None
+    per_slice = [float(c) if np.isfinite(c) else None for c in np.asarray(confidence, dtype=np.float64)]
+    return {"per_slice": per_slice, "summary": summary}
 
 
 def write_json(obj: Any, path: Path) -> Path:

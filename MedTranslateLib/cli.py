@@ -137,7 +137,7 @@ def _options(args: argparse.Namespace, device: str, outputs=None):
                                   seed=args.seed, slices=slices, extent_margin=args.extent_margin,
                                   batch_size=args.batch_size, precision=args.precision,
                                   shared_noise=args.shared_noise, outputs=outputs, threads=args.threads,
-                                  backend=args.backend)
+                                  backend=args.backend, select=args.select)
 
 
 def _print_metrics(result, indent: str = "  ") -> None:
@@ -151,6 +151,15 @@ def _print_metrics(result, indent: str = "  ") -> None:
         if region in base:
             line += f"   {base[region]['mae']:12.2f}"
         print(line)
+
+
+def _print_confidence(result, indent: str = "") -> None:
+    """One line (``maps.confidence_line``) when the method gives a per-slice confidence."""
+    from .maps import confidence_line, confidence_summary
+
+    line = confidence_line(confidence_summary(result.confidence))
+    if line:
+        print(f"{indent}{line}")
 
 
 def _mask_flags(args: argparse.Namespace) -> dict[str, str]:
@@ -220,6 +229,7 @@ def _cmd_translate(args: argparse.Namespace) -> int:
             extra = f", {roi} MAE {result.metrics[roi]['mae']:.1f}"
         print(f"{files.name}: {out / files.name} ({result.info['slices']} slices, "
               f"{result.info['seconds']:.1f} s{extra})")
+        _print_confidence(result, indent="  ")
     if failed:
         print(f"{PROG}: error: {failed} of {len(mine)} case(s) failed", file=sys.stderr)
         return 2
@@ -272,6 +282,7 @@ def _translate_single(translator, cache, options, args: argparse.Namespace) -> i
           f"{info['precision']}, batch {info['batch_size']})")
     for path in written[1:]:
         print(f"wrote:     {path}")
+    _print_confidence(result)
     _print_metrics(result)
     return 0
 
@@ -325,7 +336,8 @@ def _demo_figure(path: Path, outcome, case, seed: int) -> Path:
     title = (f"{outcome.model_name}: {meta.source.modality} \u2192 {meta.target.modality} "
              f"({meta.method}), phantom seed {seed}")
     return maps.comparison_figure(path, rows, title=title, window=(lo, hi), units=units,
-                                  source_window=(src_lo, src_hi), uncertainty_label=f"std ({units})")
+                                  source_window=(src_lo, src_hi), uncertainty_label=f"std ({units})",
+                                  confidence=result.confidence)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -372,6 +384,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"  warning: {warning}")
         print(f"  outputs: {folder}/ ({', '.join(p.name for p in files)})")
         print(f"  figure:  {figure}")
+        _print_confidence(result, indent="  ")
         _print_metrics(result, indent="    ")
     report["seconds"] = time.perf_counter() - t0
     metrics_path = app.write_json(report, out / "metrics.json")
@@ -490,6 +503,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, help="write metrics JSON here (needs --reference)")
     p.add_argument("--steps", type=_bounded_int(1, 100000), default=None, help="sampling steps (diffusion methods)")
     p.add_argument("--num-samples", type=_bounded_int(1, 1024), default=1, help="samples per slice (uncertainty)")
+    p.add_argument("--select", default="per_slice", metavar="per_slice|per_volume",
+                   help="with --num-samples > 1 and a method that scores its samples: per_slice (the "
+                        "method's choice per slice, default) or per_volume (one sample for the whole volume: no "
+                        "flicker along z; keeps the samples of the translated slices in memory)")
     p.add_argument("--seed", type=_bounded_int(0, MAX_SEED), default=0, help="random seed (same seed, same output)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")

@@ -32,6 +32,18 @@ the run seed alone, so every slice gets the same noise wherever it sits in its b
 whose capabilities declare ``shared_noise`` is also passed ``shared_noise=True`` and draws that
 one noise map once per batch instead of once per slice (neighbouring slices, same noise:
 smoother across slices for diffusion models).
+
+Best of N per volume (``translate(select="per_volume")``): a method that scores every sample
+(``Translation.sample_confidence`` (N, B), rlbcd's LCS) picks its best sample slice by slice, and
+neighbouring slices can then come from different samples (flicker along the axis).
+``per_volume`` instead takes one sample index k* for the whole volume: the one whose confidence,
+averaged over the translated slices, is highest (ties: the lowest index); every slice is sample
+k* and its confidence is sample k*'s. The choice needs every slice's scores, so the N samples of
+the translated slices are kept, at the model's slice size and in [-1, 1], until the loop ends:
+N x slices x size² x 4 bytes (10 samples of 300 slices at 256²: 786 MB), not a whole volume per
+sample. Running the volume twice (scores, then the chosen sample) would keep nothing but double
+the sampling time, and no method scores a sample without drawing it. The uncertainty is the
+per-pixel std over the samples either way.
 """
 
 from __future__ import annotations
@@ -68,9 +80,13 @@ __all__ = [
     "distributed_env",
     "shard",
     "CPU_BATCH_SIZE",
+    "SELECT_MODES",
 ]
 # resolve_device, resolve_precision, distributed_env and shard live in ``runtime``; they stay
 # importable from here.
+
+#: ``translate(select=...)``: the method's choice per slice, or one sample index per volume.
+SELECT_MODES = ("per_slice", "per_volume")
 
 #: Batch size "auto" on CPU: large enough to amortise per-call overhead, small in memory.
 CPU_BATCH_SIZE = 8
@@ -236,7 +252,7 @@ class VolumeTranslator:
                   reference: mio.Volume | None = None, steps: int | None = None, num_samples: int = 1,
                   seed: int | None = None, slice_range: tuple[int, int] | str | None = None,
                   progress: ProgressFn | None = None, cancel: Any = None,
-                  outputs: Collection[str] | None = None) -> Result:
+                  outputs: Collection[str] | None = None, select: str = "per_slice") -> Result:
         """Translate ``volume`` (see the module docstring).
 
         masks: name (the bundle's ROI names, e.g. "liver", "tumor"; "body") -> ``Volume`` (resampled nearest-neighbour onto
@@ -252,6 +268,9 @@ class VolumeTranslator:
             (threading.Event); checked before every batch; raises ``TranslationCancelled``.
         outputs: which of ``OPTIONAL_OUTPUTS`` to compute (None: all); the synthetic volume, the
             confidence and, with a reference, the metrics are always there.
+        select: "per_slice" (what the method returns for each slice) or "per_volume" (one sample
+            index for the whole volume, for methods that score every sample; see the module
+            docstring; ``info["selected_sample"]`` says which).
         """
         t_start = time.perf_counter()
         want = OPTIONAL_OUTPUTS if outputs is None else frozenset(outputs)
@@ -264,6 +283,11 @@ class VolumeTranslator:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+        if select not in SELECT_MODES:
+            raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
+        if select == "per_volume" and not self.capabilities.confidence:
+            raise ValueError(f"select='per_volume' needs a method that scores its samples; the {self.method.name} "
+                             f"model gives no confidence")
         mask_arrays = self._prepare_masks(masks, vol)
         ref = self._prepare_reference(reference, vol)
 
@@ -301,6 +325,7 @@ class VolumeTranslator:
         batch = self._initial_batch_size(geometry, presets, src_slices, mask_slices, first, total, steps,
                                          num_samples, seed)
         done, retries = 0, 0
+        kept: list[tuple[np.ndarray, torch.Tensor, np.ndarray]] | None = [] if select == "per_volume" else None
         if progress is not None:
             progress(0, total, None)
         t_loop = time.perf_counter()
@@ -310,7 +335,7 @@ class VolumeTranslator:
             idx = np.arange(first + done, first + min(done + batch, total))
             try:
                 image, u, c = self._run_batch(geometry, presets, src_slices, mask_slices, idx, steps, num_samples,
-                                              seed)
+                                              seed, samples_out=kept)
             except torch.OutOfMemoryError:
                 self._free_memory()
                 if batch == 1:
@@ -342,6 +367,9 @@ class VolumeTranslator:
                 elapsed = time.perf_counter() - t_loop
                 progress(done, total, elapsed / done * (total - done))
         loop_seconds = time.perf_counter() - t_loop
+        selected = None
+        if kept is not None:
+            selected, conf = self._select_per_volume(kept, geometry, tgt_preset, out, n)
 
         result = self._assemble(vol, ref, mask_arrays, body, src_preset, tgt_preset, synthetic, unc, conf,
                                 first, last, want)
@@ -355,6 +383,8 @@ class VolumeTranslator:
             "slices_per_second": (total / loop_seconds) if loop_seconds > 0 else float("nan"),
             "source_preset": src_preset.to_config(), "target_preset": tgt_preset.to_config(),
         }
+        if kept is not None:
+            result.info.update(select=select, selected_sample=selected)
         return result
 
     # -- inputs -----------------------------------------------------------------------------
@@ -438,11 +468,12 @@ class VolumeTranslator:
 
     def _run_batch(self, geometry: SliceGeometry, presets: tuple[IntensityPreset, IntensityPreset],
                    src_slices: np.ndarray, mask_slices: dict[str, np.ndarray], idx: np.ndarray,
-                   steps: int | None, num_samples: int, seed: int
+                   steps: int | None, num_samples: int, seed: int, samples_out: list | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Translate slices ``idx`` (physical units) with the (source, target) ``presets``: (B, R, C)
         image in the target's physical units, uncertainty (B, R, C) in normalised units or None,
-        confidence (B,) or None."""
+        confidence (B,) or None. ``samples_out``: a list that gets ``(idx, samples (N, B, S, S) on
+        the CPU in [-1, 1], sample confidence (N, B))`` appended (``select="per_volume"``)."""
         dev = self.device
         src_preset, tgt_preset = presets
         x = src_preset.forward(np.ascontiguousarray(src_slices[idx], dtype=np.float32))
@@ -475,7 +506,37 @@ class VolumeTranslator:
         if tr.uncertainty is not None:
             unc = geometry.invert(tr.uncertainty.float()[:, 0], fill=0.0).cpu().numpy()
         conf = None if tr.confidence is None else tr.confidence.float().reshape(b).cpu().numpy()
+        if samples_out is not None:
+            samples_out.append(self._batch_samples(tr, idx))
         return image, unc, conf
+
+    def _batch_samples(self, tr: Any, idx: np.ndarray) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """(idx, samples (N, B, S, S) float32 on the CPU, sample confidence (N, B)) of one batch."""
+        if tr.sample_confidence is None:
+            raise RuntimeError(f"{self.method.name}: select='per_volume' needs Translation.sample_confidence "
+                               f"(a score for every sample); the method gave none")
+        samples = tr.image.unsqueeze(0) if tr.samples is None else tr.samples
+        scores = tr.sample_confidence.float().cpu().numpy()
+        n, b, s = samples.shape[0], len(idx), self.size
+        if tuple(samples.shape) != (n, b, 1, s, s) or scores.shape != (n, b):
+            raise RuntimeError(f"{self.method.name}: samples {tuple(samples.shape)} and sample confidence "
+                               f"{scores.shape} do not match {n} sample(s) of {b} slice(s) of {s}x{s}")
+        return idx, samples.float()[:, :, 0].cpu(), scores
+
+    def _select_per_volume(self, kept: list[tuple[np.ndarray, torch.Tensor, np.ndarray]], geometry: SliceGeometry,
+                           tgt_preset: IntensityPreset, out: np.ndarray, n: int) -> tuple[int, np.ndarray]:
+        """One sample index k* for the volume: the highest confidence averaged over the kept slices
+        (``np.argmax``: the lowest index on ties). Writes sample k* of every kept slice into ``out``
+        (n, R, C) as ``_run_batch`` writes images; returns (k*, its per-slice confidence (n,), NaN
+        where not translated)."""
+        scores = np.concatenate([sc for _, _, sc in kept], axis=1)  # (N, translated slices)
+        best = int(np.argmax(scores.astype(np.float64).mean(axis=1)))
+        conf = np.full(n, np.nan, dtype=np.float32)
+        for idx, samples, sc in kept:
+            image = geometry.invert(samples[best].to(self.device), fill=-1.0).cpu().numpy()
+            out[idx] = tgt_preset.inverse(image)
+            conf[idx] = sc[best]
+        return best, conf
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":

@@ -9,8 +9,12 @@ an ``.array`` attribute (``io.Volume``) is accepted in place of an array.
   ([-1, 1]) -> physical units, given the preset's half-width ``scale`` = (hi - lo) / 2.
 - ``inter_slice_consistency(volume, axis, mask, slice_range)``: mean absolute difference between
   neighbouring slices; ``consistency_report`` puts the synthetic's next to the reference's.
+- ``confidence_summary(confidence)``: a method's per-slice confidence (NaN where not translated)
+  -> mean, min and the lowest-confidence slices; ``confidence_line`` says it in one line. Every
+  front end (command line, ``metrics.json``, the Slicer module, the demo figure) shows these.
 - ``comparison_figure(...)``: one PNG, one row per view: source | synthetic | reference |
-  difference heatmaps (diverging, centred at 0, colour bar in physical units) | uncertainty.
+  difference heatmaps (diverging, centred at 0, colour bar in physical units) | uncertainty;
+  with ``confidence``, a per-slice confidence plot under them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ __all__ = [
     "comparison_figure",
     "orthogonal_views",
     "focus_index",
+    "confidence_summary",
+    "confidence_line",
+    "LOWEST_SLICES",
 ]
+
+#: How many of the lowest-confidence slices the summaries name.
+LOWEST_SLICES = 3
 
 
 #: Figure columns, in order, with their titles.
@@ -121,10 +131,39 @@ def symmetric_limit(values: np.ndarray, percentile: float = 99.0, floor: float =
     return max(float(np.percentile(v, percentile)), floor)
 
 
+def confidence_summary(confidence: Any, lowest: int = LOWEST_SLICES) -> dict[str, Any] | None:
+    """Per-slice confidence (n,) (NaN where not translated) -> ``{"slices": translated count,
+    "mean", "min", "max", "lowest": [{"slice": index along the axis, "confidence"}, ...]}`` with
+    the ``lowest`` least confident slices first (ties: the lower index first); None when no slice
+    has a confidence (None given, or all NaN)."""
+    if confidence is None:
+        return None
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    index = np.flatnonzero(np.isfinite(conf))
+    if index.size == 0:
+        return None
+    values = conf[index]
+    order = np.argsort(values, kind="stable")[:max(0, int(lowest))]
+    return {"slices": int(index.size), "mean": float(values.mean()), "min": float(values.min()),
+            "max": float(values.max()),
+            "lowest": [{"slice": int(index[k]), "confidence": float(values[k])} for k in order]}
+
+
+def confidence_line(summary: dict[str, Any] | None) -> str:
+    """``confidence_summary`` in one line: ``confidence: mean 0.62, min 0.31 over 30 slices;
+    lowest: slice 12 (0.31), 13 (0.35), 40 (0.40)``; "" for None."""
+    if not summary:
+        return ""
+    lowest = ", ".join(f"{row['slice']} ({row['confidence']:.2f})" for row in summary["lowest"])
+    return (f"confidence: mean {summary['mean']:.2f}, min {summary['min']:.2f} over {summary['slices']} "
+            f"slice{'s' if summary['slices'] != 1 else ''}; lowest: slice {lowest}")
+
+
 def comparison_figure(path: str | Path, rows: Sequence[dict[str, Any]], *, title: str = "",
                       window: tuple[float, float] | None = None, units: str = "HU",
                       source_window: tuple[float, float] | None = None,
-                      uncertainty_label: str | None = None, dpi: int = 100) -> Path:
+                      uncertainty_label: str | None = None, confidence: Any = None,
+                      dpi: int = 100) -> Path:
     """Write a PNG with one row per view.
 
     Each row is a dict of 2-D (H, W) arrays, any of: ``source``, ``synthetic``, ``reference``,
@@ -134,7 +173,9 @@ def comparison_figure(path: str | Path, rows: Sequence[dict[str, Any]], *, title
     ``window`` (lo, hi) (default: the synthetic's 1-99 percentiles); difference heatmaps use a
     diverging colour map centred at 0 with a colour bar in ``units``. ``source_window``: the
     source's own grey window (another modality); ``uncertainty_label``: its colour bar's label. NaN pixels are left blank
-    (e.g. heatmaps masked to the body). Returns ``path``."""
+    (e.g. heatmaps masked to the body). ``confidence``: a method's per-slice confidence (n,) (NaN
+    where not translated), drawn as a plot under the views with the lowest slices marked
+    (``confidence_summary``). Returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -146,8 +187,13 @@ def comparison_figure(path: str | Path, rows: Sequence[dict[str, Any]], *, title
     if window is None:
         lo, hi = np.percentile(np.concatenate([np.ravel(r["synthetic"]) for r in rows]), [1, 99])
         window = (float(lo), float(max(hi, lo + 1e-6)))
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(3.1 * len(columns), 3.0 * len(rows)),
-                             squeeze=False)
+    summary = confidence_summary(confidence)
+    extra = 1 if summary else 0
+    fig = plt.figure(figsize=(3.1 * len(columns), 3.0 * len(rows) + 2.0 * extra))
+    grid = fig.add_gridspec(len(rows) + extra, len(columns), height_ratios=[3.0] * len(rows) + [2.0] * extra)
+    axes = [[fig.add_subplot(grid[i, j]) for j in range(len(columns))] for i in range(len(rows))]
+    if summary:
+        _confidence_plot(fig.add_subplot(grid[len(rows), :]), np.asarray(confidence, dtype=np.float64), summary)
     for i, row in enumerate(rows):
         aspect = float(row.get("aspect", 1.0))
         for j, col in enumerate(columns):
@@ -190,6 +236,21 @@ def comparison_figure(path: str | Path, rows: Sequence[dict[str, Any]], *, title
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _confidence_plot(ax: Any, confidence: np.ndarray, summary: dict[str, Any]) -> None:
+    """Per-slice confidence (NaN gaps where not translated), its mean, the lowest slices marked."""
+    ax.plot(np.arange(confidence.size), confidence, color="tab:blue", lw=1.2, marker=".", ms=3)
+    ax.axhline(summary["mean"], color="0.5", lw=0.8, ls="--", label=f"mean {summary['mean']:.2f}")
+    low = summary["lowest"]
+    ax.scatter([r["slice"] for r in low], [r["confidence"] for r in low], color="tab:red", zorder=3,
+               s=18, label="lowest: " + ", ".join(str(r["slice"]) for r in low))
+    ax.set_xlim(-0.5, confidence.size - 0.5)
+    ax.set_ylim(min(0.0, summary["min"]), max(1.05, 1.05 * summary["max"]))
+    ax.set_xlabel("slice", fontsize=8)
+    ax.set_ylabel("confidence", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def orthogonal_views(array: Any, centre_zyx: Sequence[int], spacing_xyz: Sequence[float] = (1.0, 1.0, 1.0)

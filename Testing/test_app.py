@@ -287,3 +287,40 @@ def test_translation_options_refuse_what_the_engine_cannot_take(field, value):
         app.TranslationOptions(model="m", **{field: value})
     assert "\n" not in str(info.value)
     assert app.TranslationOptions(model="m", seed=app.MAX_SEED).seed == 2**63 - 1
+
+
+def test_metrics_json_holds_the_per_slice_confidence_and_its_summary(case_root, tmp_path):
+    import json
+
+    from test_engine import make_rlbcd_bundle
+
+    case = cases.read_case(cases.case_files(case_root / "case_000", "ct", "cta_arterial"))
+    opts = app.TranslationOptions(model=str(make_rlbcd_bundle(tmp_path / "rl")), device="cpu", num_samples=2,
+                                  seed=3, slices=(4, 9), batch_size=2)
+    outcome = app.run_translation(app.TranslationRequest(case, opts))
+    conf = outcome.result.confidence
+    written = app.write_case_folder(outcome, tmp_path / "out")
+    doc = json.loads(next(p for p in written if p.name == app.METRICS_FILE).read_text())["confidence"]
+    assert len(doc["per_slice"]) == case.source.shape[0] == conf.size
+    assert all(doc["per_slice"][i] is None for i in (*range(4), *range(9, conf.size)))
+    assert doc["per_slice"][4:9] == pytest.approx(conf[4:9].tolist())
+    s = doc["summary"]
+    assert s["slices"] == 5 and s["mean"] == pytest.approx(conf[4:9].mean()) and s["min"] == pytest.approx(conf[4:9].min())
+    lowest = [r["slice"] for r in s["lowest"]]
+    assert lowest == [4 + int(k) for k in np.argsort(conf[4:9], kind="stable")[:3]]
+    # a method without confidence: null
+    plain = app.run_translation(app.TranslationRequest(case, dataclasses.replace(opts, model=str(tiny_bundle(
+        tmp_path / "p2p")), num_samples=1)))
+    assert plain.result.confidence is None and app.metrics_document(plain)["confidence"] is None
+
+
+def test_select_per_volume_reaches_the_engine_and_bad_values_are_refused(case_root, tmp_path):
+    from test_engine import make_rlbcd_bundle
+
+    case = cases.read_case(cases.case_files(case_root / "case_000", "ct", "cta_arterial"))
+    opts = app.TranslationOptions(model=str(make_rlbcd_bundle(tmp_path / "rl")), device="cpu", num_samples=2,
+                                  seed=3, slices=(4, 8), select="per_volume")
+    info = app.run_translation(app.TranslationRequest(case, opts)).result.info
+    assert info["select"] == "per_volume" and info["selected_sample"] in (0, 1)
+    with pytest.raises(app.UserError, match="select must be"):
+        dataclasses.replace(opts, select="best")

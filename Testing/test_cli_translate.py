@@ -364,3 +364,59 @@ def test_threads_and_compression_level_options(bundle, case, tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli.main(["translate", *map(str, base), "--output", str(tmp_path / "x.nii.gz"), *bad])
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_translate_and_demo_show_the_per_slice_confidence(case, tmp_path, capsys):
+    from test_engine import make_rlbcd_bundle
+
+    from MedTranslateLib import maps
+
+    model = make_rlbcd_bundle(tmp_path / "rl")
+    out = tmp_path / "out"
+    code, stdout, err = run(["--model", model, "--input", case / "ct.nii.gz", "--output", out / "syn.nii.gz",
+                             "--reference", case / "cta_arterial.nii.gz", "--metrics", out / "m.json",
+                             "--num-samples", "2", "--slices", "2:7", "--device", "cpu", "--seed", "5"], capsys)
+    assert code == 0, err
+    doc = json.loads((out / "m.json").read_text())["confidence"]
+    conf = np.array([np.nan if c is None else c for c in doc["per_slice"]])
+    assert np.isfinite(conf).sum() == 5 and np.isnan(conf[:2]).all() and np.isnan(conf[7:]).all()
+    [line] = [x for x in stdout.splitlines() if x.startswith("confidence:")]
+    assert line == maps.confidence_line(maps.confidence_summary(conf))
+    assert f"min {np.nanmin(conf):.2f} over 5 slices; lowest: slice {int(np.nanargmin(conf))} (" in line
+    # a method without confidence prints no such line
+    code, stdout, err = run(["--model", make_bundle(tmp_path / "p2p"), "--input", case / "ct.nii.gz",
+                             "--output", out / "p2p.nii.gz", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "synthetic:" in stdout and "confidence" not in stdout
+    # the demo: the confidence line, in metrics.json and a plot row under the figure's views
+    demo = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(demo), "--shape", "16", "40", "40", "--device", "cpu",
+                     "--model", str(model)]) == 0
+    stdout = capsys.readouterr().out
+    entry = json.loads((demo / "metrics.json").read_text())["models"]["rl"]
+    summary = entry["confidence"]["summary"]
+    assert summary["slices"] > 0 and "  " + maps.confidence_line(summary) in stdout.splitlines()
+    from test_engine import _png_size
+
+    # three view rows of 3 inches and the 2-inch confidence plot row, at 100 dpi
+    assert _png_size(demo / "rl" / "figure.png")[1] == (3 * 3.0 + 2.0) * 100
+
+
+def test_select_per_volume_flag(case, tmp_path, capsys):
+    from test_engine import make_rlbcd_bundle
+
+    model = make_rlbcd_bundle(tmp_path / "rl")
+    out = tmp_path / "out"
+    base = ["--input", case / "ct.nii.gz", "--reference", case / "cta_arterial.nii.gz", "--num-samples", "3",
+            "--slices", "2:7", "--device", "cpu"]
+    code, _, err = run(["--model", model, *base, "--output", out / "v.nii.gz", "--metrics", out / "v.json",
+                        "--select", "per_volume"], capsys)
+    assert code == 0, err
+    info = json.loads((out / "v.json").read_text())["info"]
+    assert info["select"] == "per_volume" and info["selected_sample"] in range(3)
+    code, _, err = run(["--model", model, *base, "--output", out / "x.nii.gz", "--select", "best"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "select must be 'per_slice' or 'per_volume'" in err
+    code, _, err = run(["--model", make_bundle(tmp_path / "p2p"), *base, "--output", out / "p.nii.gz",
+                        "--select", "per_volume"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "gives no confidence" in err
+    assert sorted(p.name for p in out.iterdir()) == ["v.json", "v.nii.gz"]

@@ -578,3 +578,89 @@ def assert_same_volume_whatever_the_batching(run, part: tuple[int, int], other_s
     assert info["oom_retries"] == 2
     np.testing.assert_allclose(syn, whole, **same)
     assert np.abs(run(8, seed=other_seed)[0] - whole).max() > 1.0  # the noise matters (HU)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-slice confidence (rlbcd, issue 17)
+# ---------------------------------------------------------------------------------------------
+def make_rlbcd_bundle(path, *, select: str = "lcs"):
+    """Tiny rlbcd (pixel space, 16x16 slices, two 8-channel U-Nets, H_E) with perturbed output
+    convs so samples differ and each slice gets its own confidence exp(-MSE / MSE_ref)."""
+    torch.manual_seed(0)
+    unet = {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_levels": [1],
+            "num_head_channels": 8, "norm_groups": 4}
+    method = build_method("rlbcd", {"unet": unet, "steps": 3, "sam": {"levels": [0, 1]},
+                                    "cma": {"levels": [0, 1], "num_head_channels": 4},
+                                    "lcs": {"pretrain_steps": 2, "channels": 8}, "select": select})
+    with torch.no_grad():
+        for net in (method.unet, method.residual_unet):
+            net.out[-1].weight.normal_(0.0, 0.3)
+        method.lcs_mse_ref.fill_(0.05)
+    meta = {"source": {"modality": "ct", "preset": "ct_angio"},
+            "target": {"modality": "cta_arterial", "preset": "ct_angio"}, "slice": {"size": 16, "axis": 0}}
+    return save_bundle(method, meta, path)
+
+
+def test_engine_carries_rlbcd_per_slice_confidence(tmp_path):
+    vol = ct_volume(shape=(6, 40, 48))
+    tr = engine.VolumeTranslator(load_bundle(make_rlbcd_bundle(tmp_path / "rl")), device="cpu", batch_size=2)
+    res = tr.translate(vol, seed=1, num_samples=3, slice_range=(1, 5))
+    conf = res.confidence
+    assert conf.shape == (6,) and np.isnan(conf[[0, 5]]).all()
+    inside = conf[1:5]
+    assert np.isfinite(inside).all() and ((inside > 0) & (inside <= 1)).all()
+    assert np.unique(inside).size > 1  # one score per slice, not one for the batch
+
+
+def _png_size(path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")  # width, height
+
+
+def test_confidence_summary_names_the_lowest_slices_and_the_figure_plots_it(tmp_path):
+    conf = np.array([np.nan, 0.8, 0.3, 0.9, 0.3, 0.6, np.nan])
+    s = maps.confidence_summary(conf, lowest=3)
+    assert s["slices"] == 5 and s["mean"] == pytest.approx(np.nanmean(conf)) and s["min"] == 0.3
+    assert [(r["slice"], r["confidence"]) for r in s["lowest"]] == [(2, 0.3), (4, 0.3), (5, 0.6)]
+    assert maps.confidence_summary(np.full(4, np.nan)) is None and maps.confidence_summary(None) is None
+    line = maps.confidence_line(s)
+    assert line.startswith("confidence: mean 0.58, min 0.30 over 5 slices") and "slice 2 (0.30), 4 (0.30), 5 (0.60)" in line
+    im = np.random.default_rng(0).normal(size=(10, 12)).astype(np.float32)
+    rows = [{"label": "axial", "source": im, "synthetic": im}]
+    plain = maps.comparison_figure(tmp_path / "a.png", rows, dpi=50)
+    with_conf = maps.comparison_figure(tmp_path / "b.png", rows, confidence=conf, dpi=50)
+    unchanged = maps.comparison_figure(tmp_path / "c.png", rows, confidence=np.full(7, np.nan), dpi=50)
+    (w0, h0), (w1, h1) = _png_size(plain), _png_size(with_conf)
+    assert w1 == w0 and h1 == h0 + 2 * 50  # one 2-inch plot row under the views
+    assert _png_size(unchanged) == (w0, h0)
+
+
+def test_per_volume_selection_takes_one_sample_index_for_the_whole_volume(tmp_path, bundle_path):
+    vol = ct_volume(shape=(8, 40, 48))
+
+    def run(select="per_slice", rule="lcs"):
+        tr = engine.VolumeTranslator(load_bundle(make_rlbcd_bundle(tmp_path / rule, select=rule)), device="cpu",
+                                     batch_size=3)
+        return tr.translate(vol, seed=4, num_samples=3, slice_range=(1, 7), select=select)
+
+    per_slice, per_volume, mean = run(), run("per_volume"), run(rule="mean")
+    k = per_volume.info["selected_sample"]
+    assert per_volume.info["select"] == "per_volume" and k in range(3) and "selected_sample" not in per_slice.info
+    best, chosen = per_slice.confidence[1:7], per_volume.confidence[1:7]
+    assert np.isnan(per_volume.confidence[[0, 7]]).all()
+    # per slice the method takes its best sample; per volume sample k everywhere: never better,
+    # equal where k is that slice's best, and here the per-slice choice does change along z
+    same = np.isclose(chosen, best, rtol=0, atol=0)
+    assert (chosen <= best).all() and same.any() and not same.all()
+    syn_s, syn_v = (r.synthetic.array[1:7] for r in (per_slice, per_volume))
+    assert all(np.array_equal(syn_s[i], syn_v[i]) == bool(same[i]) for i in range(6))
+    # k has the highest volume-mean confidence: at least the mean over samples (select: mean)
+    assert chosen.mean() >= mean.confidence[1:7].mean() - 1e-7
+    # the uncertainty is the std over the same samples either way
+    np.testing.assert_array_equal(per_slice.uncertainty.array, per_volume.uncertainty.array)
+    assert np.array_equal(per_volume.synthetic.array[0], per_slice.synthetic.array[0])  # untranslated slice
+    with pytest.raises(ValueError, match="select must be one of"):
+        engine.VolumeTranslator(load_bundle(bundle_path), device="cpu").translate(vol, select="best")
+    with pytest.raises(ValueError, match="gives no confidence"):
+        engine.VolumeTranslator(load_bundle(bundle_path), device="cpu").translate(vol, select="per_volume")

@@ -1106,3 +1106,25 @@ def test_the_phantom_is_offered_in_sample_data(scene, medtranslate_module, monke
     nodes = source.customDownloader(source)
     assert [n.GetName() for n in nodes] == source.nodeNames
     assert all(n.GetScene() is scene for n in nodes)
+
+
+def test_confidence_table_and_summary_name_the_lowest_slices(scene, sample, tmp_path):
+    from test_engine import make_rlbcd_bundle
+
+    from MedTranslateLib import maps
+
+    opts = options(make_rlbcd_bundle(tmp_path / "rl"), num_samples=2, slices=(5, 11), select="per_volume")
+    nodes = mrml.translate_nodes(scene, sample.source, opts)
+    assert nodes.synthetic.GetAttribute("MedTranslate.SelectedSample") == str(nodes.info["selected_sample"])
+    conf = nodes.confidence
+    assert conf.shape == (16,) and np.isfinite(conf[5:11]).all() and np.isnan(conf[:5]).all()
+    table = nodes.confidence_table
+    rows = [(int(table.GetCellText(r, 0)), float(table.GetCellText(r, 1))) for r in range(table.GetNumberOfRows())]
+    assert [i for i, _ in rows] == list(range(5, 11))
+    assert [c for _, c in rows] == pytest.approx(conf[5:11].tolist(), rel=1e-5)
+    worst = 5 + int(np.argmin(conf[5:11]))
+    line = maps.confidence_line(maps.confidence_summary(conf))
+    assert f"lowest: slice {worst} (" in line and table.GetDescription() == line
+    text = mrml.metrics_summary(nodes.metrics, nodes.units, confidence=nodes.confidence)
+    assert text.splitlines()[0] == line
+    assert mrml.metrics_summary(None, confidence=np.full(3, np.nan)) == ""

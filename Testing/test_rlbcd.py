@@ -460,3 +460,22 @@ def test_smoke_config_trains_both_stages_and_the_engine_gives_confidence(phantom
     assert conf.shape == (vol.array.shape[0],) and np.isfinite(conf[3:6]).all()
     assert ((conf[3:6] >= 0) & (conf[3:6] <= 1)).all() and np.isnan(conf[:3]).all()
     assert res.uncertainty is not None and np.isfinite(res.synthetic.array).all()
+
+
+def test_every_sample_is_scored_for_per_volume_selection():
+    m = rl()
+    perturb_outputs(m, std=0.3)
+    m.lcs_mse_ref.fill_(0.05)
+    seen = capture(m)
+    source = pair(3)[0]
+    out = m.translate(source, generator=gens(3), num_samples=4)
+    (results, y), = seen
+    conf_k = torch.exp(-m.sample_consistency(results, y) / 0.05)       # (N, B)
+    torch.testing.assert_close(out.sample_confidence, conf_k)
+    best = out.sample_confidence.argmax(0)
+    assert torch.equal(out.confidence, out.sample_confidence[best, torch.arange(3)])
+    one = m.translate(source, generator=gens(3))
+    assert one.sample_confidence.shape == (1, 3) and torch.equal(one.sample_confidence[0], one.confidence)
+    without = rl(branches="enhanced", sam={"mode": "none"}, cma={"mode": "none"}, lcs={"enabled": False},
+                 select="mean").translate(source, generator=gens(3), num_samples=2)
+    assert without.sample_confidence is None and without.confidence is None

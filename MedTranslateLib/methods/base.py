@@ -33,7 +33,8 @@ class Capabilities:
     steps:       ``steps`` (sampling steps) can be chosen.
     uncertainty: "std" | "variance" | None: the kind of ``Translation.uncertainty``.
     uncertainty_needs_samples: uncertainty only with ``num_samples > 1``.
-    confidence:  ``Translation.confidence`` (B,) is set.
+    confidence:  ``Translation.confidence`` (B,) is set (and, when it scores every sample,
+                 ``Translation.sample_confidence``: the engine's ``select="per_volume"`` needs it).
     uses_masks:  ``translate`` (or training) reads ROI masks.
     shared_noise: ``translate`` accepts ``shared_noise=True`` (one noise map for every slice).
     """
@@ -60,12 +61,17 @@ class Translation:
                  ``uncertainty_kind`` ("std" or "variance") says which.
     confidence:  (B,) or None, higher = more trustworthy.
     samples:     (N, B, 1, H, W) or None, when ``num_samples > 1`` gave several samples.
+    sample_confidence: (N, B) or None, the confidence of every sample (sample k of slice b on the
+                 scale of ``confidence``), for methods that score each sample (rlbcd's LCS); with
+                 ``samples`` (or ``image`` when N = 1) it lets the engine choose one sample index
+                 for a whole volume.
     """
 
     image: Tensor
     uncertainty: Tensor | None = None
     confidence: Tensor | None = None
     samples: Tensor | None = None
+    sample_confidence: Tensor | None = None
 
 
 @dataclass(frozen=True)

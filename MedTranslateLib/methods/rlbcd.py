@@ -481,7 +481,8 @@ class RLBCD(BBDM):
         """``select``: ``lcs`` the sample with the highest LCS per slice, ``mean`` the samples'
         mean, ``first`` the first sample; ``confidence`` (with H_E) exp(-MSE/MSE_ref) of the
         returned sample (``mean``: the samples' mean confidence); ``uncertainty`` the per-pixel std
-        over samples and ``samples`` all of them (N > 1)."""
+        over samples and ``samples`` all of them (N > 1); ``sample_confidence`` (N, B) every
+        sample's exp(-MSE/MSE_ref) (with H_E), for the engine's ``select="per_volume"``."""
         images = torch.stack([self.decode(r, cond) for r in results])  # (N, B, 1, H, W)
         n, b = images.shape[:2]
         mse = self.sample_consistency(results, y) if self.fusion is not None else None  # (N, B)
@@ -498,6 +499,6 @@ class RLBCD(BBDM):
             image = images.mean(0)
             conf = None if conf_k is None else conf_k.mean(0)
         if n == 1:
-            return Translation(image=image, confidence=conf)
+            return Translation(image=image, confidence=conf, sample_confidence=conf_k)
         return Translation(image=image, uncertainty=images.float().std(0).to(images.dtype), confidence=conf,
-                           samples=images)
+                           samples=images, sample_confidence=conf_k)
