@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    ?= outputs/demo
 
-.PHONY: demo test lint clean-venv
+.PHONY: demo test lint clean-venv web test-web
 
 demo: $(VENV)/.runtime-ok
 	$(BIN)/medtranslate demo --out $(OUT)
@@ -13,6 +13,12 @@ demo: $(VENV)/.runtime-ok
 test: $(VENV)/.dev-ok
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+web:  # the browser front end on http://127.0.0.1:8080/ (creates web/.venv first)
+	web/run.sh serve
+
+test-web:  # its tests, end to end in headless Chromium (apt-get install -y chromium chromium-driver)
+	web/run.sh test
 
 lint: $(VENV)/.dev-ok
 	$(BIN)/ruff check .
