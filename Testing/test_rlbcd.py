@@ -303,7 +303,9 @@ def capture(m: RLBCD) -> list:
     return seen
 
 
-def test_best_of_n_is_the_sample_with_the_highest_lcs():
+def scored_translate():
+    """A perturbed rlbcd translating 3 slices with 4 samples: (method, source, translation, the
+    samples ``combine_samples`` saw, its y)."""
     m = rl()
     perturb_outputs(m, std=0.3)
     m.lcs_mse_ref.fill_(0.05)
@@ -311,6 +313,11 @@ def test_best_of_n_is_the_sample_with_the_highest_lcs():
     source = pair(3)[0]
     out = m.translate(source, generator=gens(3), num_samples=4)
     (results, y), = seen
+    return m, source, out, results, y
+
+
+def test_best_of_n_is_the_sample_with_the_highest_lcs():
+    m, source, out, results, y = scored_translate()
     mse = m.sample_consistency(results, y)                              # (N, B) = -LCS
     assert mse.shape == (4, 3) and (mse.max(0).values - mse.min(0).values).min() > 1e-6
     best = mse.argmin(0)
@@ -463,13 +470,7 @@ def test_smoke_config_trains_both_stages_and_the_engine_gives_confidence(phantom
 
 
 def test_every_sample_is_scored_for_per_volume_selection():
-    m = rl()
-    perturb_outputs(m, std=0.3)
-    m.lcs_mse_ref.fill_(0.05)
-    seen = capture(m)
-    source = pair(3)[0]
-    out = m.translate(source, generator=gens(3), num_samples=4)
-    (results, y), = seen
+    m, source, out, results, y = scored_translate()
     conf_k = torch.exp(-m.sample_consistency(results, y) / 0.05)       # (N, B)
     torch.testing.assert_close(out.sample_confidence, conf_k)
     best = out.sample_confidence.argmax(0)
