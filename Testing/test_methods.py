@@ -311,3 +311,79 @@ def test_frozen_context():
     assert all(p.requires_grad for p in lin.parameters())
     y.backward()
     assert lin.weight.grad is None and x.grad is not None
+
+
+# ---- MONAI's Convolution layout without importing MONAI at inference (issue 14) ---------------
+@pytest.mark.parametrize("kwargs, monai_kwargs", [
+    (dict(kernel_size=4, stride=2, padding=1, act="leaky_relu", bias=False),
+     dict(kernel_size=4, strides=2, padding=1, act=("LEAKYRELU", {"negative_slope": 0.2}), norm=None, bias=False)),
+    (dict(kernel_size=4, stride=2, padding=1, act="leaky_relu", norm="batch", bias=False),
+     dict(kernel_size=4, strides=2, padding=1, act=("LEAKYRELU", {"negative_slope": 0.2}), norm="BATCH", bias=False)),
+    (dict(kernel_size=4, stride=2, padding=1),
+     dict(kernel_size=4, strides=2, padding=1, conv_only=True)),
+    (dict(kernel_size=4, stride=2, padding=1, transposed=True, norm="instance", dropout=0.5, bias=True),
+     dict(kernel_size=4, strides=2, padding=1, is_transposed=True, output_padding=0, act=None, norm="INSTANCE",
+          dropout=0.5, bias=True)),
+    (dict(kernel_size=3, padding=1, norm="batch", act="relu"),
+     dict(kernel_size=3, padding=1, act="RELU", norm="BATCH")),
+])
+def test_conv_norm_act_is_monais_convolution(kwargs, monai_kwargs):
+    from monai.networks.blocks import Convolution
+
+    from MedTranslateLib.nn.unet import ConvNormAct
+
+    ours = ConvNormAct(6, 8, **kwargs)
+    ref = Convolution(spatial_dims=2, in_channels=6, out_channels=8, **monai_kwargs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    def leaves(module):  # names and layer types (MONAI's ADN container is an nn.Sequential)
+        return [(n, type(m)) for n, m in module.named_modules() if not list(m.children())]
+
+    assert leaves(ours) == leaves(ref)
+    torch.manual_seed(1)
+    for p in ref.parameters():
+        p.data.normal_()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 6, 16, 16)
+    for train in (False, True):
+        ours.train(train)
+        ref.train(train)
+        torch.manual_seed(2)
+        a = ours(x)
+        torch.manual_seed(2)
+        assert torch.equal(a, ref(x))
+
+
+def test_init_normal_draws_what_monais_normal_init_draws():
+    from monai.networks.utils import normal_init
+
+    from MedTranslateLib.nn import init_normal
+
+    torch.manual_seed(3)
+    ours = nn.Sequential(Pix2PixUNet(ngf=4, num_downs=4), nn.BatchNorm2d(4), nn.Linear(4, 2))
+    ref = copy.deepcopy(ours)
+    torch.manual_seed(4)
+    init_normal(ours, std=0.05)
+    torch.manual_seed(4)
+    ref.apply(lambda m: normal_init(m, std=0.05))
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_pix2pix_inference_does_not_import_monai():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from MedTranslateLib import app, io\n"
+            "from MedTranslateLib.cases import Case\n"
+            "opts = app.TranslationOptions(model='pix2pix_ct_cta_demo', device='cpu', seed=0)\n"
+            "vol = io.Volume(np.full((4, 40, 40), -1000.0, np.float32))\n"
+            "vol.array[:, 10:30, 10:30] = 40.0\n"
+            "out = app.run_translation(app.TranslationRequest(Case('t', vol, {}, None), opts))\n"
+            "assert out.result.synthetic.shape == (4, 40, 40)\n"
+            "print(sorted(m for m in sys.modules if m == 'monai' or m.startswith('monai.')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

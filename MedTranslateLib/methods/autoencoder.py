@@ -72,8 +72,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.losses import SSIMLoss
-from monai.networks.nets import VQVAE
 from torch import Tensor, nn
 
 from ..nn import GANLoss, PatchGAN, frozen
@@ -213,6 +211,9 @@ class LatentAutoencoder(TranslationMethod):
         super().__init__(config)
         c = self.config
         levels = len(c.channels)
+        # imported where used: importing MONAI costs 1-1.9 s, which other methods' commands skip
+        from monai.networks.nets import VQVAE
+
         self.vqvae = VQVAE(
             spatial_dims=2, in_channels=c.in_channels, out_channels=c.in_channels, channels=tuple(c.channels),
             num_res_layers=c.num_res_layers, num_res_channels=tuple(c.num_res_channels or c.channels),
@@ -347,6 +348,8 @@ class LatentAutoencoder(TranslationMethod):
 
     # ---- training --------------------------------------------------------------------------------
     def build_training_parts(self) -> nn.ModuleDict:
+        from monai.losses import SSIMLoss
+
         d = self.config.discriminator
         return nn.ModuleDict({
             "discriminator": PatchGAN(self.in_channels, ndf=d.ndf, n_layers=d.n_layers, norm=d.norm),

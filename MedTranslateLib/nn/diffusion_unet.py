@@ -54,7 +54,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import Tensor, nn
 
 __all__ = ["DenoisingUNet", "DenoisingUNetConfig", "InjectionContext", "UNetFeatures", "SelfAttention2d",
@@ -470,6 +469,8 @@ class DenoisingUNet(nn.Module):
             raise ValueError("this denoising U-Net has no time conditioning (unet.time_conditioning: false)")
         if t.numel() > 1 and bool((t == t[0]).all()):
             t = t[:1]
+        from monai.networks.nets.diffusion_model_unet import get_timestep_embedding  # on first use
+
         return self.time_embed(get_timestep_embedding(t, self.config.model_channels).to(dtype))
 
     def check_input(self, x: Tensor) -> None:

@@ -9,7 +9,6 @@ logit per patch; N(0, 0.02) init. With n = 3 each output logit sees a 70x70 inpu
 
 from __future__ import annotations
 
-from monai.networks.nets import PatchDiscriminator
 from torch import Tensor, nn
 
 from .unet import Norm, monai_norm
@@ -39,6 +38,8 @@ class PatchGAN(nn.Module):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        from monai.networks.nets import PatchDiscriminator  # training only: MONAI stays out of inference
+
         self.net = PatchDiscriminator(spatial_dims=2, channels=ndf, in_channels=in_channels, out_channels=1,
                                       num_layers_d=n_layers, kernel_size=4, norm=monai_norm(norm),
                                       bias=norm == "instance", padding=1)

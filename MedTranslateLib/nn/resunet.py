@@ -27,17 +27,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
-from .unet import Norm, monai_norm
+from .unet import ConvNormAct, Norm
 
 __all__ = ["ResConv", "ResUNet"]
 
 
-def _conv_block(cin: int, cout: int, norm: str) -> Convolution:
-    return Convolution(spatial_dims=2, in_channels=cin, out_channels=cout, kernel_size=3, padding=1,
-                       act="RELU", norm=monai_norm(norm))
+def _conv_block(cin: int, cout: int, norm: Norm) -> ConvNormAct:
+    return ConvNormAct(cin, cout, kernel_size=3, padding=1, norm=norm, act="relu")
 
 
 class ResConv(nn.Module):

@@ -1,4 +1,4 @@
-"""pix2pix U-Net generator (Isola et al. 2017, sec. 3.2.1 and appendix 6.1.1), from MONAI blocks.
+"""pix2pix U-Net generator (Isola et al. 2017, sec. 3.2.1 and appendix 6.1.1), from MONAI-layout blocks.
 
 Encoder C64-C128-C256-C512-C512-...: 4x4 convolutions with stride 2, normalisation (none on the
 first and on the innermost layer), LeakyReLU(0.2). Decoder: 4x4 stride-2 transposed convolutions,
@@ -16,15 +16,21 @@ other than the innermost (``num_downs - 5`` of them, 3 for the 256x256 ``unet_25
 layers are ``noise.SampleDropout`` (``nn.Dropout`` whose masks can come from one generator per
 slice: Monte-Carlo dropout at test time gives a slice the same masks whatever its batch).
 Input height and width must be divisible by ``2 ** num_downs`` (128x128 needs ``num_downs <= 7``).
+
+``ConvNormAct`` is MONAI's ``Convolution`` block as used here, with its module layout and
+parameter names (``conv``, ``adn.N``/``adn.D``/``adn.A``), so bundles load unchanged. It is
+written out because importing MONAI (its package ``__init__`` imports every submodule,
+matplotlib.pyplot included) took 1-1.9 s of every command, more than the pix2pix network on a
+512 x 512 x 300 CT (issue 14); a test checks it against MONAI's block, weights and outputs.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import Tensor, nn
 
 from .noise import SampleDropout
@@ -32,9 +38,8 @@ from .utils import init_normal
 
 Norm = Literal["batch", "instance"]
 
-__all__ = ["Pix2PixUNet", "Norm", "monai_norm"]
+__all__ = ["ConvNormAct", "Pix2PixUNet", "Norm", "monai_norm"]
 
-_LEAKY = ("LEAKYRELU", {"negative_slope": 0.2})
 
 
 def monai_norm(norm: str) -> str:
@@ -44,6 +49,33 @@ def monai_norm(norm: str) -> str:
     if norm not in table:
         raise ValueError(f"unknown norm {norm!r}; use 'batch' or 'instance'")
     return table[norm]
+
+
+class ConvNormAct(nn.Sequential):
+    """2-D (transposed) convolution, then normalisation -> dropout -> activation (MONAI's "NDA"):
+    ``conv`` and, unless all three are None, ``adn`` holding ``N``, ``D``, ``A`` in that order.
+    norm: "batch" | "instance" (``InstanceNorm2d`` without affine or running statistics) | None;
+    act: "leaky_relu" (slope 0.2) | "relu" | None; dropout: a probability or None."""
+
+    def __init__(self, cin: int, cout: int, *, kernel_size: int, stride: int = 1, padding: int = 0,
+                 transposed: bool = False, norm: Norm | None = None, act: str | None = None,
+                 dropout: float | None = None, bias: bool = True) -> None:
+        super().__init__()
+        conv = nn.ConvTranspose2d if transposed else nn.Conv2d
+        self.conv = conv(cin, cout, kernel_size, stride=stride, padding=padding, bias=bias)
+        layers: dict[str, nn.Module] = {}
+        if norm is not None:
+            monai_norm(norm)  # the one check of the name
+            layers["N"] = nn.BatchNorm2d(cout) if norm == "batch" else nn.InstanceNorm2d(cout)
+        if dropout is not None:
+            layers["D"] = nn.Dropout(dropout)
+        if act is not None:
+            acts = {"leaky_relu": lambda: nn.LeakyReLU(0.2), "relu": nn.ReLU}
+            if act not in acts:
+                raise ValueError(f"unknown activation {act!r}; use {' or '.join(acts)}")
+            layers["A"] = acts[act]()
+        if layers:
+            self.adn = nn.Sequential(OrderedDict(layers))
 
 
 class Pix2PixUNet(nn.Module):
@@ -66,31 +98,28 @@ class Pix2PixUNet(nn.Module):
         self.num_downs = num_downs
         n = num_downs
         ch = [ngf * min(2**k, 8) for k in range(n)]
-        nrm = monai_norm(norm)
+        monai_norm(norm)
         use_bias = norm == "instance"  # the reference: a bias is redundant before batch norm
 
-        def conv(cin: int, cout: int, **kw) -> Convolution:
-            return Convolution(spatial_dims=2, in_channels=cin, out_channels=cout, strides=2, kernel_size=4,
-                               padding=1, **kw)
+        def conv(cin: int, cout: int, **kw) -> ConvNormAct:
+            return ConvNormAct(cin, cout, kernel_size=4, stride=2, padding=1, **kw)
 
-        enc = [conv(in_channels, ch[0], act=_LEAKY, norm=None, bias=use_bias)]  # C64, no norm
+        enc = [conv(in_channels, ch[0], act="leaky_relu", bias=use_bias)]  # C64, no norm
         for k in range(1, n - 1):
-            enc.append(conv(ch[k - 1], ch[k], act=_LEAKY, norm=nrm, bias=use_bias))
-        enc.append(conv(ch[n - 2], ch[n - 1], conv_only=True, bias=use_bias))  # innermost: no norm, no act
+            enc.append(conv(ch[k - 1], ch[k], act="leaky_relu", norm=norm, bias=use_bias))
+        enc.append(conv(ch[n - 2], ch[n - 1], bias=use_bias))  # innermost: no norm, no act
         self.encoder = nn.ModuleList(enc)
 
         dec: list[nn.Module] = []
         for k in range(n):  # decoder block k undoes encoder block k; run in reverse order
             if k == 0:
-                dec.append(conv(2 * ch[0], out_channels, is_transposed=True, output_padding=0, conv_only=True,
-                                bias=True))
+                dec.append(conv(2 * ch[0], out_channels, transposed=True, bias=True))
                 continue
             cin = ch[k] if k == n - 1 else 2 * ch[k]
             drop = dropout if (4 <= k <= n - 2 and dropout > 0) else None
-            block = conv(cin, ch[k - 1], is_transposed=True, output_padding=0, act=None, norm=nrm, dropout=drop,
-                         bias=use_bias)
+            block = conv(cin, ch[k - 1], transposed=True, norm=norm, dropout=drop, bias=use_bias)
             if drop is not None:
-                block.adn.D = SampleDropout(drop)  # MONAI's nn.Dropout, with per-slice masks on demand
+                block.adn.D = SampleDropout(drop)  # nn.Dropout, with per-slice masks on demand
             dec.append(block)
         self.decoder = nn.ModuleList(dec)
         self.final_activation = final_activation
