@@ -17,6 +17,10 @@ from .app import UserError as CLIError
 from .runtime import first_line
 
 PROG = "medtranslate"
+#: the demo's sampling steps for models whose steps can be chosen, and samples for models that
+#: score their samples (CPU time: every step and sample is one more network pass per slice)
+DEMO_STEPS = 10
+DEMO_SCORED_SAMPLES = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -365,7 +369,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"{name}: skipped (the phantom has no {meta.source.modality!r} image)")
             continue
         case = app.phantom_case(ph, meta.source.modality, meta.target.modality)
-        options = app.TranslationOptions(model=str(path), device=args.device, seed=args.seed)
+        choice = app.model_choice(_model_info(path, meta))
+        steps, samples, note = _demo_sampling(choice, meta, args)
+        options = app.TranslationOptions(model=str(path), device=args.device, seed=args.seed, steps=steps,
+                                         num_samples=samples)
         bar = _ProgressBar(name)
         try:
             outcome = app.run_translation(app.TranslationRequest(case, options), cache=cache, progress=bar)
@@ -376,10 +383,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         files = app.write_outputs([(getattr(result, key), folder / f"{key}.nii.gz") for key in names],
                                   outcome.translator.target_preset.DICOM_MODALITY)
         figure = _demo_figure(folder / "figure.png", outcome, case, seed)
-        report["models"][name] = {**app.metrics_document(outcome), "warnings": app.model_choice(
-            _model_info(path, meta)).warnings, "outputs": [str(p) for p in files], "figure": str(figure)}
+        report["models"][name] = {**app.metrics_document(outcome), "warnings": choice.warnings,
+                                  "sampling": {"steps": steps, "samples": samples},
+                                  "outputs": [str(p) for p in files], "figure": str(figure)}
         print(f"{name} ({meta.method}, {meta.source.modality} -> {meta.target.modality}): "
-              f"{result.info['slices']} slices in {result.info['seconds']:.1f} s")
+              f"{result.info['slices']} slices in {result.info['seconds']:.1f} s{note}")
         for warning in report["models"][name]["warnings"]:
             print(f"  warning: {warning}")
         print(f"  outputs: {folder}/ ({', '.join(p.name for p in files)})")
@@ -391,6 +399,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"metrics: {metrics_path}")
     print(f"done in {report['seconds']:.1f} s")
     return 0
+
+
+def _demo_sampling(choice, meta, args: argparse.Namespace) -> tuple[int | None, int, str]:
+    """The demo's sampling steps and samples for one model, and how the output line says so:
+    ``--steps`` for methods whose steps can be chosen (fewer than their default, to keep the demo
+    short on a CPU); ``--samples``, by default 1, or ``DEMO_SCORED_SAMPLES`` for methods that score
+    their samples (the confidence picks the best one)."""
+    caps = choice.capabilities
+    steps = args.steps if caps.get("steps") else None
+    samples = 1
+    if caps.get("stochastic"):
+        samples = args.samples if args.samples is not None else (DEMO_SCORED_SAMPLES if caps.get("confidence") else 1)
+    parts = []
+    default = meta.architecture.get("steps")
+    if steps is not None:
+        parts.append(f"{steps} sampling steps" + (f"; the model's default is {default}" if default else ""))
+    if samples > 1:
+        parts.append(f"{'best' if caps.get('confidence') else 'mean'} of {samples} samples")
+    return steps, samples, f" ({', '.join(parts)})" if parts else ""
 
 
 def _model_info(path: Path, meta):
@@ -486,6 +513,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="phantom size in voxels (default 64 128 128; smaller is faster)")
+    p.add_argument("--steps", type=_bounded_int(1, 10000), default=DEMO_STEPS,
+                   help=f"sampling steps of the models whose steps can be chosen (default {DEMO_STEPS}, "
+                        "fewer than their own default, to keep the demo short on a CPU)")
+    p.add_argument("--samples", type=_bounded_int(1, 1024), default=None,
+                   help=f"samples per slice of the stochastic models (default 1; {DEMO_SCORED_SAMPLES} for models "
+                        "that score their samples and keep the best)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("translate", help="translate a volume, or a folder of cases, with a model bundle")
