@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .app import MAX_SEED
 from .app import UserError as CLIError
-from .runtime import first_line
+from .runtime import SELECT_MODES, first_line
 
 PROG = "medtranslate"
 #: the demo's sampling steps for models whose steps can be chosen, and samples for models that
@@ -272,6 +272,7 @@ def _translate_single(translator, cache, options, args: argparse.Namespace) -> i
         raise CLIError(f"--uncertainty: the {translator.method.name} model defines no uncertainty map from one "
                        f"sample (try --num-samples 8)")
     case, outcome = _run_case(files, options, cache)
+    del case  # the source, reference and masks are not needed to write: free them first (peak RSS)
     result = outcome.result
     items: list[tuple[object, Path]] = [(result.synthetic, out)]
     if args.difference:
@@ -536,7 +537,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--metrics", default=None, help="write metrics JSON here (needs --reference)")
     p.add_argument("--steps", type=_bounded_int(1, 100000), default=None, help="sampling steps (diffusion methods)")
     p.add_argument("--num-samples", type=_bounded_int(1, 1024), default=1, help="samples per slice (uncertainty)")
-    p.add_argument("--select", default="per_slice", metavar="per_slice|per_volume",
+    p.add_argument("--select", default="per_slice", metavar="|".join(SELECT_MODES),
                    help="with --num-samples > 1 and a method that scores its samples: per_slice (the "
                         "method's choice per slice, default) or per_volume (one sample for the whole volume: no "
                         "flicker along z; keeps the samples of the translated slices in memory)")

@@ -85,11 +85,13 @@ t = stage("read", t)
 outcome = app.run_translation(app.TranslationRequest(case, opts), cache=cache)
 network = outcome.result.info["loop_seconds"]
 t = stage("translate", t)
+shape = list(case.source.shape)
+del case  # as ``medtranslate translate`` does before it writes
 app.write_outputs([(outcome.result.synthetic, Path(out))], "CT")
 t = stage("write", t)
 print("RESULT " + json.dumps({"stages": stages, "network": network, "wall": time.perf_counter() - t0,
                               "baseline_rss": baseline,
-                              "shape": list(case.source.shape)}))
+                              "shape": shape}))
 """
 
 
