@@ -224,6 +224,8 @@ class MedTranslateParameterNode:
         segment (segment ID) or label ("nonzero", "label:N").
     model - Model name (bundled or user folder). device - "auto", "cpu" or "cuda:N".
     steps - Sampling steps of diffusion methods (0 = the model's default). numSamples - Samples per slice.
+    select - Which sample a model that scores every sample keeps (``runtime.SELECT_MODES``): "per_slice"
+        (the best-scored sample of each slice) or "per_volume" (one sample index for the whole volume).
     roiOnly, roiMargin - Translate only the slices holding the masks, +- roiMargin slices.
     seed - Random seed (-1 = random).
     """
@@ -240,6 +242,7 @@ class MedTranslateParameterNode:
     device: str = "auto"
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     numSamples: Annotated[int, WithinRange(1, 32)] = 1
+    select: str = "per_slice"
     roiOnly: bool = False
     roiMargin: Annotated[int, WithinRange(0, 100)] = 4
     seed: Annotated[int, WithinRange(-1, 2147483647)] = -1
@@ -311,6 +314,7 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showResultsButton.connect("clicked(bool)", self.onShowResultsButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceSelected)
+        self.ui.selectComboBox.connect("currentIndexChanged(int)", self.onSelectSelected)
         self.ui.liverRegionComboBox.connect("currentIndexChanged(int)", lambda index: self.onRegionSelected("liver"))
         self.ui.tumorRegionComboBox.connect("currentIndexChanged(int)", lambda index: self.onRegionSelected("tumor"))
         self.ui.progressBar.setVisible(False)
@@ -401,6 +405,7 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._fillRegionComboBox(role)
             self._fillModelComboBox()
             self._fillDeviceComboBox()
+            self._fillSelectComboBox()
             self._updateStatus()
         finally:
             self._updating = False
@@ -480,6 +485,9 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         sampling = choice is not None and choice.steps
         for widget in (self.ui.stepsSpinBox, self.ui.numSamplesSpinBox, self.ui.stepsLabel, self.ui.numSamplesLabel):
             widget.enabled = sampling
+        scored = choice is not None and choice.scores_samples  # per slice / per volume applies
+        for widget in (self.ui.selectComboBox, self.ui.selectLabel):
+            widget.enabled = scored
         self._filledFor["models"] = (bool(self._missing), modality, pn.model, self._filledFor.get("modelsVersion", 0))
 
     def _startDeviceQuery(self) -> None:
@@ -525,6 +533,18 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             pn.device = selected
         self._filledFor["devices"] = (self._deviceChoices is not None, pn.device)
 
+    def _fillSelectComboBox(self) -> None:
+        """The sample choice: ``SELECT_MODES`` ("per_slice" shown as "per slice", ...)."""
+        pn = self._parameterNode
+        if self._filledFor.get("select") == pn.select:
+            return
+        choices = [(mode.replace("_", " "), mode) for mode in _mrml().SELECT_MODES]
+        index = self._setItems(self.ui.selectComboBox, choices, pn.select)
+        selected = choices[index][1]
+        if pn.select != selected:  # e.g. a value from a newer version: the first mode
+            pn.select = selected
+        self._filledFor["select"] = pn.select
+
     def _currentModel(self):
         name = self._parameterNode.model if self._parameterNode else ""
         return next((c for c in self._modelChoices if c.name == name), None)
@@ -555,6 +575,10 @@ class MedTranslateWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeviceSelected(self, index) -> None:
         if self._parameterNode and index >= 0:
             self._parameterNode.device = self.ui.deviceComboBox.itemData(index) or "auto"
+
+    def onSelectSelected(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.select = self.ui.selectComboBox.itemData(index) or "per_slice"
 
     def onRegionSelected(self, role) -> None:
         if not self._parameterNode:
@@ -914,12 +938,14 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
         return self._translators
 
     @staticmethod
-    def options(model, device="auto", steps=None, numSamples=1, seed=None, roiOnly=False, roiMargin=4):
+    def options(model, device="auto", steps=None, numSamples=1, seed=None, roiOnly=False, roiMargin=4,
+                select="per_slice"):
         from MedTranslateLib import app
 
         return app.TranslationOptions(model=model, device=device or "auto", steps=steps or None,
                                       num_samples=int(numSamples), seed=None if seed is None or seed < 0 else int(seed),
-                                      slices=app.ALL_ROIS if roiOnly else None, extent_margin=int(roiMargin))
+                                      slices=app.ALL_ROIS if roiOnly else None, extent_margin=int(roiMargin),
+                                      select=select or "per_slice")
 
     @staticmethod
     def translationPython():
@@ -945,15 +971,22 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
             node = getattr(pn, f"{role}Mask")
             return (node, getattr(pn, f"{role}Region")) if node else None
 
-        options = self.options(pn.model, pn.device, pn.steps, pn.numSamples, pn.seed, pn.roiOnly, pn.roiMargin)
-        return _mrml().TranslationRun(slicer.mrmlScene, pn.sourceVolume, options, liver=maskChoice("liver"),
-                                      tumor=maskChoice("tumor"), reference_node=pn.referenceVolume,
-                                      translators=self.translators, model=self.modelChoice(pn.model))
+        mrml = _mrml()
+        model = self.modelChoice(pn.model)
+        # the sample choice counts only for a model that scores every sample (else it is disabled)
+        options = self.options(pn.model, pn.device, pn.steps, pn.numSamples, pn.seed, pn.roiOnly, pn.roiMargin,
+                               mrml.panel_select(model, pn.select))
+        return mrml.TranslationRun(slicer.mrmlScene, pn.sourceVolume, options, liver=maskChoice("liver"),
+                                   tumor=maskChoice("tumor"), reference_node=pn.referenceVolume,
+                                   translators=self.translators, model=model)
 
     def process(self, sourceVolume, model=DEMO_MODEL, *, referenceVolume=None, liverMask=None, liverRegion=None,
                 tumorMask=None, tumorRegion=None, device="auto", steps=None, numSamples=1, seed=None, roiOnly=False,
-                roiMargin=4, showResults=False, progress=None, cancel=None):
+                roiMargin=4, select="per_slice", showResults=False, progress=None, cancel=None):
         """Translate ``sourceVolume`` on this thread (blocks); returns the ``mrml.ResultNodes``.
+
+        ``select``: "per_slice" or "per_volume" (one sample index for the whole volume; models
+        that score every sample, e.g. rlbcd with its LCS, and ``numSamples`` > 1).
 
         Masks are a segmentation (``*Region`` = segment ID) or a labelmap (``*Region`` = "nonzero"
         or "label:N"; default: as the GUI preselects). ``progress(done, total, eta_seconds)``;
@@ -969,7 +1002,8 @@ class MedTranslateLogic(ScriptedLoadableModuleLogic):
             return node, region or mrml.default_mask_choice(node, role)
 
         run = mrml.TranslationRun(
-            slicer.mrmlScene, sourceVolume, self.options(model, device, steps, numSamples, seed, roiOnly, roiMargin),
+            slicer.mrmlScene, sourceVolume,
+            self.options(model, device, steps, numSamples, seed, roiOnly, roiMargin, select),
             liver=maskChoice(liverMask, liverRegion, "liver"), tumor=maskChoice(tumorMask, tumorRegion, "tumor"),
             reference_node=referenceVolume, translators=self.translators, model=self.modelChoice(model))
         nodes = run.finish(run.work(progress, cancel))
@@ -1006,8 +1040,8 @@ class MedTranslateTest(ScriptedLoadableModuleTest):
     UI_NAMES = ("inputsCollapsibleButton", "sourceVolumeSelector", "liverMaskSelector", "liverRegionComboBox",
                 "tumorMaskSelector", "tumorRegionComboBox", "referenceVolumeSelector", "sampleDataButton",
                 "modelComboBox", "addModelButton", "deviceComboBox", "stepsSpinBox", "numSamplesSpinBox",
-                "roiOnlyCheckBox", "roiMarginSpinBox", "seedSpinBox", "statusLabel", "applyButton", "progressBar",
-                "resultsLabel", "showResultsButton", "liverMaskLabel", "tumorMaskLabel")
+                "selectComboBox", "roiOnlyCheckBox", "roiMarginSpinBox", "seedSpinBox", "statusLabel", "applyButton",
+                "progressBar", "resultsLabel", "showResultsButton", "liverMaskLabel", "tumorMaskLabel")
 
     def setUp(self):
         """Do whatever is needed to reset the state - typically a scene clear will be enough."""

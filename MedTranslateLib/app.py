@@ -32,7 +32,7 @@ import numpy as np
 from .maps import confidence_summary
 from .modality import modality_label, model_fits
 from .regions import DEFAULT_ROIS
-from .runtime import first_line
+from .runtime import SELECT_MODES, first_line
 
 if TYPE_CHECKING:
     from .cases import Case
@@ -96,6 +96,11 @@ class ModelChoice:
     def steps(self) -> bool:
         """Sampling steps / several samples apply (the method is stochastic)."""
         return bool(self.capabilities.get("stochastic"))
+
+    @property
+    def scores_samples(self) -> bool:
+        """The method scores every sample (``sample_confidence``): ``select="per_volume"`` applies."""
+        return bool(self.capabilities.get("sample_confidence"))
 
 
 def _capabilities(method: str, meta: Any) -> dict[str, Any]:
@@ -266,8 +271,8 @@ class TranslationOptions:
             raise UserError(f"threads must be a positive integer or 'auto', got {self.threads!r}")
         if self.backend not in ("auto", "pytorch"):
             raise UserError(f"backend must be 'auto' or 'pytorch', got {self.backend!r}")
-        if self.select not in ("per_slice", "per_volume"):
-            raise UserError(f"select must be 'per_slice' or 'per_volume', got {self.select!r}")
+        if self.select not in SELECT_MODES:
+            raise UserError(f"select must be {' or '.join(map(repr, SELECT_MODES))}, got {self.select!r}")
 
     @property
     def roi_only(self) -> bool:

@@ -67,7 +67,7 @@ from .intensity import IntensityPreset
 from .maps import consistency_report, difference_map, uncertainty_to_physical
 from .metrics import SSIM_WINDOW, SYNTHRAD_CT_RANGE, roi_metrics_many
 from .regions import BODY, WHOLE, ordered_regions
-from .runtime import distributed_env, first_line, resolve_device, resolve_precision, shard
+from .runtime import SELECT_MODES, distributed_env, first_line, resolve_device, resolve_precision, shard
 
 __all__ = [
     "VolumeTranslator",
@@ -83,10 +83,8 @@ __all__ = [
     "SELECT_MODES",
 ]
 # resolve_device, resolve_precision, distributed_env and shard live in ``runtime``; they stay
-# importable from here.
-
-#: ``translate(select=...)``: the method's choice per slice, or one sample index per volume.
-SELECT_MODES = ("per_slice", "per_volume")
+# importable from here. So does SELECT_MODES (``translate(select=...)``: the method's choice per
+# slice, or one sample index per volume), in ``runtime`` so that the Slicer panel needs no torch.
 
 #: Batch size "auto" on CPU: large enough to amortise per-call overhead, small in memory.
 CPU_BATCH_SIZE = 8
@@ -285,9 +283,9 @@ class VolumeTranslator:
             seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
         if select not in SELECT_MODES:
             raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
-        if select == "per_volume" and not self.capabilities.confidence:
+        if select == "per_volume" and not self.capabilities.sample_confidence:
             raise ValueError(f"select='per_volume' needs a method that scores its samples; the {self.method.name} "
-                             f"model gives no confidence")
+                             f"model gives no confidence per sample")
         mask_arrays = self._prepare_masks(masks, vol)
         ref = self._prepare_reference(reference, vol)
 

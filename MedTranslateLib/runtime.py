@@ -10,6 +10,8 @@ every front end ask it.
   autocast dtype (inference) or a Lightning precision string (training).
 - ``distributed_env()`` -> (rank, world_size, local_rank) from torchrun's variables; ``shard``.
 - ``first_line(exc)``: the one line a user sees for an exception.
+- ``SELECT_MODES``: how the engine picks among a method's samples (``engine.translate(select=...)``);
+  here, torch-free, so that the Slicer panel's thread can offer them (the engine re-exports it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from typing import Any
 
 __all__ = ["resolve_device", "Precision", "resolve_precision", "distributed_env", "shard", "first_line", "device_choices",
            "available_memory", "default_threads", "set_threads",
-           "local_device"]
+           "local_device", "SELECT_MODES"]
+
+#: ``engine.VolumeTranslator.translate(select=...)``: the method's choice per slice, or one sample
+#: index for the whole volume (methods whose capabilities have ``sample_confidence``).
+SELECT_MODES = ("per_slice", "per_volume")
 
 # name -> canonical precision ("fp32" | "bf16" | "fp16" | "auto")
 _PRECISION_NAMES = {

@@ -147,12 +147,14 @@ def make_widget(module):
     widget = module.MedTranslateWidget(None)
     widget.logic = module.MedTranslateLogic()
     widget._pollTimer, widget._queryTimer = FakeTimer(), FakeTimer()
-    combos = ("liverRegionComboBox", "tumorRegionComboBox", "modelComboBox", "deviceComboBox")
+    combos = ("liverRegionComboBox", "tumorRegionComboBox", "modelComboBox", "deviceComboBox", "selectComboBox")
     ui = {name: (FakeComboBox() if name in combos else FakeWidget()) for name in module.MedTranslateTest.UI_NAMES}
-    ui.update({n: FakeWidget() for n in ("stepsLabel", "numSamplesLabel", "modelInfoLabel", "modelCollapsibleButton",
-                                         "optionsCollapsibleButton", "resultsCollapsibleButton")})
+    ui.update({n: FakeWidget() for n in ("stepsLabel", "numSamplesLabel", "selectLabel", "modelInfoLabel",
+                                         "modelCollapsibleButton", "optionsCollapsibleButton",
+                                         "resultsCollapsibleButton")})
     widget.ui = SimpleNamespace(**ui)
     widget.ui.modelComboBox.connect("currentIndexChanged(int)", widget.onModelSelected)
+    widget.ui.selectComboBox.connect("currentIndexChanged(int)", widget.onSelectSelected)
     defaults = {k: v for k, v in vars(module.MedTranslateParameterNode).items() if not k.startswith("_")}
     defaults.update(sourceVolume=None, referenceVolume=None, liverMask=None, tumorMask=None)
     widget._parameterNode = FakeParameterNode(defaults, widget._onParameterNodeModified)

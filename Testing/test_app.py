@@ -167,6 +167,27 @@ def test_bundles_store_what_their_method_declares(tmp_path):
     assert app.model_choice(info).capabilities == saved.capabilities
 
 
+def test_a_model_that_scores_every_sample_offers_the_per_volume_choice(tmp_path):
+    """``sample_confidence`` travels in the capabilities a bundle stores and a ``ModelChoice``
+    carries (``scores_samples``: the Slicer panel enables its sample choice); the bundled demo
+    models do not score their samples. One list of modes: ``runtime`` (the engine re-exports it)."""
+    from test_engine import make_rlbcd_bundle
+
+    from MedTranslateLib import engine
+
+    meta = read_bundle_meta(make_rlbcd_bundle(tmp_path / "rl"))
+    assert meta.capabilities["sample_confidence"] is True and meta.capabilities == meta_capabilities(meta).to_dict()
+    choice = app.model_choice(ModelInfo("rl", tmp_path / "rl", "user", meta))
+    assert choice.scores_samples and choice.steps
+    old = app.model_choice(ModelInfo("rl", tmp_path / "rl", "user", dataclasses.replace(meta, capabilities=None)))
+    assert old.scores_samples  # asked of the method class
+    bundled = [c for c in app.model_choices() if c.origin == "bundled"]
+    assert bundled and all(not c.scores_samples and c.capabilities["sample_confidence"] is False for c in bundled)
+    assert engine.SELECT_MODES is runtime.SELECT_MODES and app.TranslationOptions("m").select == runtime.SELECT_MODES[0]
+    for mode in runtime.SELECT_MODES:
+        assert app.TranslationOptions("m", select=mode).select == mode
+
+
 def test_model_choices_carry_capabilities_rois_and_units():
     choices = {c.name: c for c in app.model_choices()}
     assert {"pix2pix_ct_cta_demo", "resshift_ct_cta_demo", "dgpg_t1_ct_demo"} <= set(choices)

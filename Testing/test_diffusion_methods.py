@@ -673,6 +673,12 @@ def test_the_engine_carries_a_methods_confidence_per_slice():
     conf = res.confidence
     assert conf.shape == (9,) and np.isnan(conf[:2]).all() and np.isnan(conf[7:]).all()
     assert np.isfinite(conf[2:7]).all() and (conf[2:7] <= 0).all() and np.ptp(conf[2:7]) > 0
+    # a confidence per slice is not a score per sample: select="per_volume" is refused up front, in one line
+    assert m.capabilities.confidence and not m.capabilities.sample_confidence
+    with pytest.raises(ValueError, match="scores its samples") as refused:
+        engine.VolumeTranslator(bundle, device="cpu", batch_size=3).translate(small_ct(), seed=1, num_samples=3,
+                                                                             slice_range=(2, 7), select="per_volume")
+    assert "\n" not in str(refused.value) and "no confidence per sample" in str(refused.value)
 
 
 class CountingCondition(BBDM):

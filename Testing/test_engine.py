@@ -662,5 +662,8 @@ def test_per_volume_selection_takes_one_sample_index_for_the_whole_volume(tmp_pa
     assert np.array_equal(per_volume.synthetic.array[0], per_slice.synthetic.array[0])  # untranslated slice
     with pytest.raises(ValueError, match="select must be one of"):
         engine.VolumeTranslator(load_bundle(bundle_path), device="cpu").translate(vol, select="best")
-    with pytest.raises(ValueError, match="gives no confidence"):
+    with pytest.raises(ValueError, match="gives no confidence") as refused:
         engine.VolumeTranslator(load_bundle(bundle_path), device="cpu").translate(vol, select="per_volume")
+    assert "\n" not in str(refused.value)
+    assert not load_bundle(bundle_path).method.capabilities.sample_confidence
+    assert load_bundle(tmp_path / "lcs").method.capabilities.sample_confidence  # made by run() above

@@ -810,7 +810,8 @@ def test_module_logic_runs_the_flow_on_real_mrml(scene, module_logic, bundles):
     # The GUI path: parameter node -> run -> background job -> finish.
     parameters = SimpleNamespace(sourceVolume=sample.source, referenceVolume=None, liverMask=sample.segmentation,
                                  liverRegion="liver", tumorMask=None, tumorRegion="", model=str(bundles.plain),
-                                 device="cpu", steps=0, numSamples=1, roiOnly=False, roiMargin=4, seed=5)
+                                 device="cpu", steps=0, numSamples=1, roiOnly=False, roiMargin=4, seed=5,
+                                 select="per_slice")
     run = logic.createRun(parameters)
     assert run.options.steps is None and run.options.seed == 5 and set(run.request.masks) == {"liver"}
     job = run.job().start()
@@ -1128,3 +1129,82 @@ def test_confidence_table_and_summary_name_the_lowest_slices(scene, sample, tmp_
     text = mrml.metrics_summary(nodes.metrics, nodes.units, confidence=nodes.confidence)
     assert text.splitlines()[0] == line
     assert mrml.metrics_summary(None, confidence=np.full(3, np.nan)) == ""
+
+
+# --------------------------------------------------------------------------- the sample choice (#17)
+
+
+@pytest.fixture
+def scored_models(bundles, tmp_path, monkeypatch):
+    """A model folder with a tiny rlbcd (scores every sample) and the tiny pix2pix (does not),
+    as the bundled models, and an empty user folder."""
+    import shutil
+
+    from test_engine import make_rlbcd_bundle
+
+    from MedTranslateLib import model_store
+
+    models = tmp_path / "models"
+    make_rlbcd_bundle(models / "tiny_rlbcd")
+    shutil.copytree(bundles.plain, models / "tiny_pix2pix")
+    monkeypatch.setenv("MEDTRANSLATE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(model_store, "bundled_models_dir", lambda: models)
+    return models
+
+
+def test_the_sample_choice_reaches_the_translation_options(scene, module_logic, scored_models):
+    """The parameter node's ``select`` reaches ``TranslationOptions.select`` through the Logic for
+    a model that scores every sample; for another model (the choice is disabled) it is per slice."""
+    logic = module_logic
+    sample = logic.loadSampleData(seed=0, shape=(16, 32, 32), spacing=(8.0, 8.0, 10.0))
+    choices = {c.name: c for c in logic.modelChoices(sample.source)}
+    assert choices["tiny_rlbcd"].scores_samples and not choices["tiny_pix2pix"].scores_samples
+    parameters = SimpleNamespace(sourceVolume=sample.source, referenceVolume=None, liverMask=None, liverRegion="",
+                                 tumorMask=None, tumorRegion="", model="tiny_rlbcd", device="cpu", steps=0,
+                                 numSamples=2, roiOnly=False, roiMargin=4, seed=5, select="per_volume")
+    options = logic.createRun(parameters).options
+    assert isinstance(options, app.TranslationOptions) and options.select == "per_volume" and options.num_samples == 2
+    parameters.select = "per_slice"
+    assert logic.createRun(parameters).options.select == "per_slice"
+    parameters.model, parameters.select = "tiny_pix2pix", "per_volume"  # kept from the other model
+    assert logic.createRun(parameters).options.select == "per_slice"
+    assert module_logic.options("m").select == "per_slice"
+
+    # the console path takes the choice as given: one sample index for the volume, or one line
+    nodes = logic.process(sample.source, "tiny_rlbcd", device="cpu", numSamples=2, seed=3, select="per_volume")
+    assert nodes.info["select"] == "per_volume"
+    assert nodes.synthetic.GetAttribute("MedTranslate.SelectedSample") == str(nodes.info["selected_sample"])
+    with pytest.raises(ValueError, match="scores its samples") as refused:
+        logic.process(sample.source, "tiny_pix2pix", device="cpu", select="per_volume")
+    assert "\n" not in str(refused.value)
+
+
+def test_the_panel_offers_the_sample_choice_for_models_that_score_samples(scene, medtranslate_module,
+                                                                        scored_models, monkeypatch):
+    """The widget's combo box: the modes of ``SELECT_MODES``, enabled only for a model whose
+    capabilities have ``sample_confidence``; the choice is stored in the parameter node and reaches
+    the run's options."""
+    module = medtranslate_module
+    monkeypatch.setattr(module.MedTranslateLogic, "translationPython", staticmethod(lambda: None))
+    errors = slicer_app_doubles.quiet_application(monkeypatch.setattr)
+    widget = slicer_app_doubles.make_widget(module)
+    pn = widget._parameterNode
+    widget._onParameterNodeModified()
+    widget.onSampleDataButton()
+    combo = widget.ui.selectComboBox
+    assert [mode for _, mode in combo.items] == list(mrml.SELECT_MODES) and pn.select == "per_slice"
+    assert [text for text, _ in combo.items] == ["per slice", "per volume"] and combo.currentIndex == 0
+
+    pn.model = "tiny_pix2pix"
+    assert not combo.enabled and not widget.ui.selectLabel.enabled
+    pn.model = "tiny_rlbcd"
+    assert combo.enabled and widget.ui.selectLabel.enabled and widget.ui.numSamplesSpinBox.enabled
+    combo.setCurrentIndex(1)  # the user picks "per volume"
+    assert pn.select == "per_volume" and combo.currentIndex == 1
+    assert widget.logic.createRun(pn).options.select == "per_volume"
+    pn.model = "tiny_pix2pix"
+    assert not combo.enabled and pn.select == "per_volume"  # kept for the next scoring model
+    assert widget.logic.createRun(pn).options.select == "per_slice"
+    pn.select = "best"  # not a mode (e.g. a scene saved by another version): the first one
+    assert pn.select == "per_slice" and combo.currentIndex == 0
+    assert errors == []

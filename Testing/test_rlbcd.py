@@ -480,3 +480,21 @@ def test_every_sample_is_scored_for_per_volume_selection():
     without = rl(branches="enhanced", sam={"mode": "none"}, cma={"mode": "none"}, lcs={"enabled": False},
                  select="mean").translate(source, generator=gens(3), num_samples=2)
     assert without.sample_confidence is None and without.confidence is None
+
+
+def test_only_rlbcd_with_its_lcs_declares_that_it_scores_every_sample():
+    """``Capabilities.sample_confidence`` (what the engine's per-volume choice and the Slicer
+    panel's sample choice ask): rlbcd with H_E (its LCS) has it, without H_E and every other
+    method not; a method's confidence alone is not enough."""
+    from MedTranslateLib.methods import available_methods, capabilities_of, get_method_class
+
+    assert capabilities_of("rlbcd", merged(FULL)).sample_confidence
+    assert rl().capabilities.sample_confidence and rl().capabilities.to_dict()["sample_confidence"] is True
+    without = capabilities_of("rlbcd", merged(FULL, **AS_BBDM))
+    assert not without.sample_confidence and not without.confidence
+    others = [n for n in available_methods() if n != "rlbcd"]
+    assert others
+    for name in others:
+        cls = get_method_class(name)
+        caps = cls.capabilities_for(cls.Config())
+        assert not caps.sample_confidence and caps.to_dict()["sample_confidence"] is False, name

@@ -33,8 +33,9 @@ class Capabilities:
     steps:       ``steps`` (sampling steps) can be chosen.
     uncertainty: "std" | "variance" | None: the kind of ``Translation.uncertainty``.
     uncertainty_needs_samples: uncertainty only with ``num_samples > 1``.
-    confidence:  ``Translation.confidence`` (B,) is set (and, when it scores every sample,
-                 ``Translation.sample_confidence``: the engine's ``select="per_volume"`` needs it).
+    confidence:  ``Translation.confidence`` (B,) is set.
+    sample_confidence: ``Translation.sample_confidence`` (N, B) is set: the method scores every
+                 sample, which the engine's ``select="per_volume"`` needs (rlbcd with its LCS).
     uses_masks:  ``translate`` (or training) reads ROI masks.
     shared_noise: ``translate`` accepts ``shared_noise=True`` (one noise map for every slice).
     """
@@ -44,6 +45,7 @@ class Capabilities:
     uncertainty: str | None = None
     uncertainty_needs_samples: bool = False
     confidence: bool = False
+    sample_confidence: bool = False
     uses_masks: bool = False
     shared_noise: bool = False
 
@@ -119,6 +121,7 @@ class TranslationMethod(nn.Module):
     uncertainty_kind: ClassVar[str | None] = None  # "std" | "variance" | None
     uncertainty_needs_samples: ClassVar[bool] = False  # uncertainty only with num_samples > 1
     gives_confidence: ClassVar[bool] = False  # Translation.confidence is set
+    gives_sample_confidence: ClassVar[bool] = False  # Translation.sample_confidence (N, B) is set
     selectable_steps: ClassVar[bool] = False  # translate(steps=...) may change the step count
     supports_shared_noise: ClassVar[bool] = False  # translate(..., shared_noise=True) is accepted
 
@@ -144,8 +147,8 @@ class TranslationMethod(nn.Module):
         return Capabilities(stochastic=cls.stochastic, steps=cls.selectable_steps,
                             uncertainty=cls.uncertainty_kind,
                             uncertainty_needs_samples=cls.uncertainty_needs_samples,
-                            confidence=cls.gives_confidence, uses_masks=cls.uses_masks,
-                            shared_noise=cls.supports_shared_noise)
+                            confidence=cls.gives_confidence, sample_confidence=cls.gives_sample_confidence,
+                            uses_masks=cls.uses_masks, shared_noise=cls.supports_shared_noise)
 
     @property
     def capabilities(self) -> Capabilities:

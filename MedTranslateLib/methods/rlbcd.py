@@ -315,7 +315,7 @@ class RLBCD(BBDM):
     @classmethod
     def capabilities_for(cls, config: RLBCDConfig) -> Capabilities:
         return Capabilities(stochastic=True, steps=True, uncertainty="std", uncertainty_needs_samples=True,
-                            confidence=config.lcs.enabled, shared_noise=True)
+                            confidence=config.lcs.enabled, sample_confidence=config.lcs.enabled, shared_noise=True)
 
     @classmethod
     def check_presets(cls, config: RLBCDConfig | dict, source_preset: Any, target_preset: Any) -> None:

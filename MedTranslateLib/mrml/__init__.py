@@ -39,7 +39,7 @@ from ..app import (
 )
 from ..modality import modality_family, modality_label, model_fits
 from ..runner import DEFAULT_DEVICE_CHOICES, DeviceQuery, ImportQuery
-from ..runtime import device_choices
+from ..runtime import SELECT_MODES, device_choices
 from .layout import RESULT_LAYOUT_ID, RESULT_VIEWS, result_layout_xml, result_view_assignments, show_results
 from .nodes import (
     ATTRIBUTE_PREFIX,
@@ -86,6 +86,7 @@ from .run import (
     check_inputs,
     install_plan,
     missing_dependencies,
+    panel_select,
     read_request,
     roi_roles,
     sample_dependencies_missing,
@@ -105,7 +106,7 @@ __all__ = [
     "source_modality", "modality_family", "modality_label", "model_fits",
     "missing_dependencies", "NO_DEPS", "SAMPLE_DEPENDENCIES", "InstallPlan", "install_plan",
     "sample_dependencies_missing", "device_choices", "DeviceQuery", "ImportQuery", "DEFAULT_DEVICE_CHOICES", "ModelChoice", "model_choices",
-    "check_inputs", "roi_roles", "TranslationOptions", "TranslationRequest", "read_request",
+    "check_inputs", "roi_roles", "SELECT_MODES", "panel_select", "TranslationOptions", "TranslationRequest", "read_request",
     "TranslatorCache", "TranslationRun", "translate_nodes",
     "ResultNodes", "result_name", "add_result_nodes", "metrics_summary", "difference_color_node",
     "uncertainty_color_node", "result_layout_xml", "result_view_assignments", "show_results",

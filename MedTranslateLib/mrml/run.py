@@ -122,6 +122,14 @@ def roi_roles(model: Any = None) -> tuple[str, str]:
     return names[0], names[1]
 
 
+def panel_select(model: Any, select: str) -> str:
+    """The ``TranslationOptions.select`` of the panel's sample choice (one of
+    ``runtime.SELECT_MODES``): ``select`` when the model scores every sample
+    (``app.ModelChoice.scores_samples``), else "per_slice" (the choice is disabled then, and a
+    value kept from another model must not make the engine refuse this one)."""
+    return select if model is not None and getattr(model, "scores_samples", False) else "per_slice"
+
+
 def _roi_choices(liver: Any, tumor: Any, model: Any = None) -> dict[str, tuple[Any, str | None]]:
     """The panel's two mask selectors by ``roi_roles(model)``: {roi name: (node, segment key)}."""
     return {name: choice for name, choice in zip(roi_roles(model), (liver, tumor), strict=True)
