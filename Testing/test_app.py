@@ -169,8 +169,8 @@ def test_bundles_store_what_their_method_declares(tmp_path):
 
 def test_a_model_that_scores_every_sample_offers_the_per_volume_choice(tmp_path):
     """``sample_confidence`` travels in the capabilities a bundle stores and a ``ModelChoice``
-    carries (``scores_samples``: the Slicer panel enables its sample choice); the bundled demo
-    models do not score their samples. One list of modes: ``runtime`` (the engine re-exports it)."""
+    carries (``scores_samples``: the Slicer panel enables its sample choice); of the bundled demo
+    models only rlbcd's scores its samples. One list of modes: ``runtime`` (the engine re-exports it)."""
     from test_engine import make_rlbcd_bundle
 
     from MedTranslateLib import engine
@@ -181,8 +181,10 @@ def test_a_model_that_scores_every_sample_offers_the_per_volume_choice(tmp_path)
     assert choice.scores_samples and choice.steps
     old = app.model_choice(ModelInfo("rl", tmp_path / "rl", "user", dataclasses.replace(meta, capabilities=None)))
     assert old.scores_samples  # asked of the method class
-    bundled = [c for c in app.model_choices() if c.origin == "bundled"]
-    assert bundled and all(not c.scores_samples and c.capabilities["sample_confidence"] is False for c in bundled)
+    bundled = {c.name: c for c in app.model_choices() if c.origin == "bundled"}
+    # of the bundled demo models, exactly the rlbcd one scores its samples
+    assert {n for n, c in bundled.items() if c.scores_samples} == {"rlbcd_ct_cta_demo"}
+    assert all(c.capabilities["sample_confidence"] is (c.method == "rlbcd") for c in bundled.values())
     assert engine.SELECT_MODES is runtime.SELECT_MODES and app.TranslationOptions("m").select == runtime.SELECT_MODES[0]
     for mode in runtime.SELECT_MODES:
         assert app.TranslationOptions("m", select=mode).select == mode

@@ -68,7 +68,8 @@ def test_demo_runs_diffusion_models_with_fewer_steps_and_says_so():
 def test_shipped_paper_demo_bundles_beat_identity_where_the_paper_claims():
     """Each shipped paper-method demo bundle records its held-out test-split means, and they beat
     the identity baseline in the regions its issue names."""
-    claims = {"c2fmit_ct_cta_demo": ("liver", "aorta"), "dfbk_t1_ct_demo": ("body",)}
+    claims = {"c2fmit_ct_cta_demo": ("liver", "aorta"), "rlbcd_ct_cta_demo": ("liver", "aorta"),
+              "dfbk_t1_ct_demo": ("body",)}
     for name, regions in claims.items():
         held_out = load_bundle(model_store.find_model(name)).meta.metrics["held_out"]
         assert len(held_out["cases"]) == 5
