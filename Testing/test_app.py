@@ -192,7 +192,12 @@ def test_a_model_that_scores_every_sample_offers_the_per_volume_choice(tmp_path)
 
 def test_model_choices_carry_capabilities_rois_and_units():
     choices = {c.name: c for c in app.model_choices()}
-    assert {"pix2pix_ct_cta_demo", "resshift_ct_cta_demo", "dgpg_t1_ct_demo"} <= set(choices)
+    assert {"pix2pix_ct_cta_demo", "resshift_ct_cta_demo", "dgpg_t1_ct_demo", "c2fmit_ct_cta_demo",
+            "rlbcd_ct_cta_demo", "dfbk_t1_ct_demo"} <= set(choices)
+    # the panel's list for a CT source holds the CT models (the papers' included), not the T1 ones
+    ct = {c.name for c in app.model_choices("ct")}
+    assert {"c2fmit_ct_cta_demo", "rlbcd_ct_cta_demo"} <= ct and not {"dfbk_t1_ct_demo", "dgpg_t1_ct_demo"} & ct
+    assert choices["c2fmit_ct_cta_demo"].steps and choices["c2fmit_ct_cta_demo"].capabilities["steps"]
     assert choices["resshift_ct_cta_demo"].steps and not choices["pix2pix_ct_cta_demo"].steps
     assert choices["dgpg_t1_ct_demo"].capabilities["uncertainty"] == "variance"
     assert choices["pix2pix_ct_cta_demo"].units == "HU" and choices["pix2pix_ct_cta_demo"].rois == ("liver", "tumor")
