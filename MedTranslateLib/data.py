@@ -202,10 +202,17 @@ def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill
         m = _shift_3(m, axis, erode=True)
     for axis in (1, 2):
         m = _shift_3(m, axis, erode=False)
-    labels, n = ndimage.label(m)
+    if not m.any():
+        return m
+    # label only inside the opened mask's bounding box (the same components; the body fills
+    # about half of a CT's field of view, and the int32 labels were the costly pass)
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
+                (np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)))
+    labels, n = ndimage.label(m[box])
     if n > 1:  # the largest component (bincount: one pass, whatever the number of components)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        m = labels == (int(np.argmax(sizes)) + 1)
+        m = np.zeros_like(m)
+        m[box] = labels == (int(np.argmax(sizes)) + 1)
     if fill_holes:
         for k in range(m.shape[0]):
             m[k] = ndimage.binary_fill_holes(m[k])

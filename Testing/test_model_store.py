@@ -112,6 +112,21 @@ def test_bundled_models_listed_and_shadowed(tmp_path, method, home):
     assert model_store.find_model("demo_small") == bundled / "demo_small"
 
 
+def test_find_model_by_name_reads_no_bundle(tmp_path, method, home, monkeypatch):
+    """Resolving a name lists the folders only (issue 14: parsing every bundle's metadata cost
+    0.3 s of each translate); the user's model still shadows a bundled one of the same name."""
+    bundled = model_store.bundled_models_dir()
+    save_bundle(method, meta(), bundled / "shared")
+    save_bundle(method, meta(), bundled / "other")
+    model_store.import_model(bundled / "shared", overwrite=True)
+
+    read = []
+    monkeypatch.setattr(model_store, "read_bundle_meta", read.append)
+    assert model_store.find_model("shared") == home / "models" / "shared"
+    assert model_store.find_model("other") == bundled / "other"
+    assert read == []
+
+
 def test_unknown_model_name():
     with pytest.raises(BundleError, match=r"no model named 'nope' \(known models: none\)"):
         model_store.find_model("nope")
