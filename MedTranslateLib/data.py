@@ -208,7 +208,11 @@ def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill
     # about half of a CT's field of view, and the int32 labels were the costly pass)
     box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in
                 (np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)))
-    labels, n = ndimage.label(m[box])
+    try:  # int16 labels: half the memory traffic of int32, which matters at 10^8 voxels
+        labels = np.empty(m[box].shape, np.int16)
+        n = ndimage.label(m[box], output=labels)
+    except RuntimeError:  # more than 32767 components
+        labels, n = ndimage.label(m[box])
     if n > 1:  # the largest component (bincount: one pass, whatever the number of components)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         m = np.zeros_like(m)

@@ -363,3 +363,19 @@ def test_body_mask_opening_is_ndimage_binary_opening():
             expected = labels == int(np.argmax(sizes)) + 1
         got = body_mask(mio.Volume(hu), fill_holes=False)
         assert np.array_equal(got, expected), trial
+
+
+def test_body_mask_with_more_components_than_int16_labels():
+    """Over 32767 components (int16 labels overflow): the int32 labelling takes over, and the
+    largest component is still the one kept."""
+    from MedTranslateLib import io as mio
+    from MedTranslateLib.data import body_mask
+
+    hu = np.full((1, 4 * 182 + 8, 4 * 182), -1000.0, np.float32)
+    for r in range(182):  # 182 x 182 = 33124 blocks of 3x3, one voxel apart
+        hu[0, 4 * r:4 * r + 3, :].reshape(-1, 182, 4)[:, :, :3] = 40.0
+    hu[0, -6:, 10:20] = 40.0  # the largest: 6 x 10
+    got = body_mask(mio.Volume(hu), fill_holes=False)
+    expected = np.zeros(hu.shape, bool)
+    expected[0, -6:, 10:20] = True
+    assert np.array_equal(got, expected)
