@@ -251,8 +251,9 @@ class TranslationOptions:
     outputs: frozenset[str] | None = None
     #: CPU threads for torch: a positive int, "auto" (``runtime.default_threads``) or None (as set)
     threads: int | str | None = None
-    #: "pytorch", or "auto": ONNX Runtime for the method's networks on CPU when installed and checked
-    backend: str = "pytorch"
+    #: "auto": ONNX Runtime for the method's networks on CPU when installed and checked against
+    #: PyTorch on the first batch (faster there: issue 14), else PyTorch; "pytorch": PyTorch only
+    backend: str = "auto"
     #: "per_slice" (the method's own choice per slice) or "per_volume" (one sample index for the
     #: whole volume, for methods that score their samples: ``engine.SELECT_MODES``)
     select: str = "per_slice"

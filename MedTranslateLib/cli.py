@@ -555,9 +555,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_threads, default=None,
                    help="CPU threads for the network: N, or auto (every core; on a busy machine 1 can be "
                         "several times faster)")
-    p.add_argument("--backend", choices=("pytorch", "auto"), default="pytorch",
-                   help="auto: on CPU, run the network through ONNX Runtime when it is installed "
-                        "(pip install onnxruntime onnx) and matches PyTorch on the first batch")
+    p.add_argument("--backend", choices=("pytorch", "auto"), default="auto",
+                   help="auto (default): on CPU, run the network through ONNX Runtime when it is installed "
+                        "(pip install onnxruntime onnx) and matches PyTorch on the first batch; pytorch: never")
     p.add_argument("--compression-level", type=_bounded_int(1, 9), default=None,
                    help="zlib level of .nrrd/.mha outputs: 1 fastest .. 9 smallest (.nii.gz has ITK's own level; "
                         "write .nii for the fastest, uncompressed output)")

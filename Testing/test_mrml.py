@@ -492,8 +492,9 @@ def test_whole_flow_creates_tagged_results_and_leaves_inputs_alone(scene, case, 
     display = synthetic.GetDisplayNode()
     assert (display.GetWindow(), display.GetLevel()) == (1000.0, 200.0)  # the ct_angio target preset
 
-    # Same numbers as the engine run directly on the same inputs.
-    direct = VolumeTranslator(load_bundle(bundles.plain), device="cpu", batch_size=4).translate(
+    # Same numbers as the engine run directly on the same inputs, with the app's backend
+    direct = VolumeTranslator(load_bundle(bundles.plain), device="cpu", batch_size=4,
+                              backend=app.TranslationOptions.backend).translate(
         case.images["ct"], masks={"liver": case.masks["liver"].array > 0.5, "tumor": case.masks["tumor"].array > 0.5},
         reference=case.images["cta_arterial"], seed=7)
     np.testing.assert_array_equal(mrml.volume_from_node(synthetic).array, direct.synthetic.array)

@@ -260,8 +260,7 @@ def test_a_denoiser_runs_on_ort_at_every_sampling_step(ort):
                                                 "attention_levels": [1], "num_head_channels": 8,
                                                 "norm_groups": 4}}).eval()
     nn.init.normal_(method.unet.out[-1].weight, std=0.05)  # zero-initialised: the output would not depend on it
-    if not getattr(method, "inference_networks", dict)():  # until diffusion methods name their denoiser
-        method.inference_networks = lambda: {"unet": method.unet}
+    assert method.inference_networks() == {"unet": method.unet}
     x = slices(3, size=16)
 
     def translate():
@@ -270,8 +269,41 @@ def test_a_denoiser_runs_on_ort_at_every_sampling_step(ort):
 
     expected = translate()
     assert onnx_backend.maybe_accelerate(method, x, "cpu") == "onnxruntime"
+    # no memory arena: ORT hands each call's memory back, as PyTorch does
+    assert method.unet.session.get_session_options().enable_cpu_mem_arena is False
     runs = count_runs(method.unet)
     got = translate()
     assert runs[0] == method.scheduler.num_train_timesteps  # every step on ORT
     assert float((got - expected).abs().max()) <= onnx_backend.TOLERANCE
     assert float((expected - x).abs().max()) > 0.1
+
+
+
+def test_engine_on_ort_same_seed_same_volume_whatever_the_batching(ort, tmp_path):
+    """A resshift bundle through the engine's default CPU path (``backend="auto"``, ONNX Runtime
+    for the denoiser): batch sizes 8, 1 and 3, a slice range and an out-of-memory back-off give the
+    same volume for the same seed, as on PyTorch."""
+    from test_engine import META, _simulate_oom_above, assert_same_volume_whatever_the_batching, ct_volume
+
+    from MedTranslateLib import engine
+
+    torch.manual_seed(0)
+    method = build_method("resshift", {"unet": {"model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+                                                "attention_levels": [1], "num_head_channels": 8,
+                                                "norm_groups": 4}})
+    nn.init.normal_(method.unet.out[-1].weight, std=0.05)
+    meta = {**META, "slice": {"size": 32, "axis": 0},
+            "source": {"modality": "ct", "preset": "ct_abdomen"}, "target": {"modality": "cta_arterial",
+                                                                            "preset": "ct_angio"}}
+    bundle = load_bundle(save_bundle(method, meta, tmp_path / "resshift"))
+    vol = ct_volume(shape=(10, 40, 48))
+
+    def run(batch_size, oom_above=None, seed=9, **kwargs):
+        tr = engine.VolumeTranslator(bundle, device="cpu", batch_size=batch_size, backend="auto")
+        if oom_above is not None:
+            _simulate_oom_above(tr, oom_above)
+        res = tr.translate(vol, seed=seed, **kwargs)
+        assert res.info["backend"] == "onnxruntime"
+        return res.synthetic.array, None, res.info
+
+    assert_same_volume_whatever_the_batching(run, (3, 9), other_seed=10)

@@ -258,6 +258,12 @@ class DiffusionMethod(TranslationMethod):
         (branch, x_t), = x.items()
         return {branch: self.unet(self.denoiser_input(x_t, cond), t)}
 
+    def inference_networks(self) -> dict[str, nn.Module]:
+        """The U-Net, called once per sampling step as ``unet(x_t + condition, t)``, where the
+        method keeps this default ``denoise``; none where its own hands the U-Net more (c2fmit's
+        guidance, dfbk's text, rlbcd's second branch)."""
+        return {"unet": self.unet} if type(self).denoise is DiffusionMethod.denoise else {}
+
     def sample_result(self, x: dict[str, Tensor]) -> SampleResult:
         """The branches' end points as a ``SampleResult`` (first branch: the sample)."""
         first, *others = self.branches
