@@ -35,3 +35,19 @@ def _one_torch_thread():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_medtranslate_home(tmp_path_factory):
+    """A MEDTRANSLATE_HOME of the test session's own: the user's model store and ONNX export cache
+    (``~/.medtranslate``) are never read or written by a test (tests that need one of their own
+    set it again)."""
+    import os
+
+    before = os.environ.get("MEDTRANSLATE_HOME")
+    os.environ["MEDTRANSLATE_HOME"] = str(tmp_path_factory.mktemp("medtranslate-home"))
+    yield
+    if before is None:
+        os.environ.pop("MEDTRANSLATE_HOME", None)
+    else:
+        os.environ["MEDTRANSLATE_HOME"] = before
