@@ -66,10 +66,11 @@ __all__ = ["TOLERANCE", "OrtNetwork", "cache_dir", "content_hash", "export_onnx"
 
 #: Largest |ORT - eager| accepted on the first batch (network outputs in [-1, 1]).
 TOLERANCE = 1e-4
-#: ORT's CPU memory arena keeps the largest activations of a call (attention maps: +4.5 GB after a
-#: batch of 8 at 256x256 for the resshift denoiser) for the life of the session; off, the memory
-#: goes back after each call, as PyTorch's does
-MEMORY_ARENA = False
+#: ORT's CPU memory arena keeps the largest activations of a call for the life of the session
+#: (attention maps: +4.5 GB after a batch of 8 at 256x256 for a resshift denoiser; +32 MB for the
+#: 64x64 demo model); off, that memory goes back after each call but the denoiser ran 22-40 %
+#: slower (64x64, one thread), so it stays on
+MEMORY_ARENA = True
 _EXPORT_BATCH = 2  # the traced batch differs from most first batches: a fixed batch size shows
 
 
