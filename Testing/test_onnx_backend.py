@@ -115,6 +115,14 @@ def test_gpu_and_a_missing_onnxruntime_stay_on_pytorch_silently(monkeypatch):
     assert isinstance(method.generator, Pix2PixUNet)
 
 
+def test_onnxruntime_without_the_exporter_stays_on_pytorch_and_onnx_is_not_imported_to_check(monkeypatch):
+    monkeypatch.delitem(sys.modules, "onnx", raising=False)
+    assert onnx_backend.ort_available()
+    assert "onnx" not in sys.modules  # importing it costs 0.5 s; only an export needs it
+    monkeypatch.setitem(sys.modules, "onnx", None)  # not installed
+    assert not onnx_backend.ort_available()
+
+
 def test_monte_carlo_dropout_keeps_the_generator():
     assert tiny_pix2pix(test_time_dropout=True).inference_networks() == {}
     assert list(tiny_pix2pix().inference_networks()) == ["generator"]
