@@ -218,9 +218,28 @@ def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill
         m = np.zeros_like(m)
         m[box] = labels == (int(np.argmax(sizes)) + 1)
     if fill_holes:
-        for k in range(m.shape[0]):
-            m[k] = ndimage.binary_fill_holes(m[k])
+        _fill_holes_per_slice(m, box)
     return m
+
+
+#: 4-connected within a slice, never across slices: ``ndimage.binary_fill_holes``'s default in 2-D
+_IN_SLICE_CROSS = np.zeros((3, 3, 3), bool)
+_IN_SLICE_CROSS[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+
+
+def _fill_holes_per_slice(m: np.ndarray, box: tuple[slice, ...]) -> None:
+    """``m[k] = ndimage.binary_fill_holes(m[k])`` for every slice k, in place, in one labelling:
+    a hole is background that is not 4-connected within its slice to the slice's border. ``box``
+    holds every True voxel of ``m``, so the background on the box's in-plane edges touches the
+    border through the empty frame around it, and a hole lies inside the box."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(~m[box], structure=_IN_SLICE_CROSS)
+    outside = np.zeros(n + 1, bool)
+    outside[0] = True  # the body itself
+    for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
+        outside[edge] = True
+    m[box] |= ~outside[labels]
 
 
 def _shift_3(m: np.ndarray, axis: int, *, erode: bool) -> np.ndarray:

@@ -379,3 +379,24 @@ def test_body_mask_with_more_components_than_int16_labels():
     expected = np.zeros(hu.shape, bool)
     expected[0, -6:, 10:20] = True
     assert np.array_equal(got, expected)
+
+
+def test_body_mask_fills_holes_as_binary_fill_holes_per_slice():
+    """Holes filled for every slice in one labelling: the same as ``ndimage.binary_fill_holes``
+    slice by slice, with air around the body and with the body on the volume's edges."""
+    from scipy import ndimage
+
+    from MedTranslateLib import io as mio
+    from MedTranslateLib.data import body_mask
+
+    rng = np.random.default_rng(5)
+    for trial in range(4):
+        hu = np.full((5, 30, 34), 40.0, np.float32)  # tissue to the edges, with air holes and notches
+        for z, r, c, h, w in zip(*(rng.integers(0, n, 40) for n in (5, 30, 34, 4, 4)), strict=True):
+            hu[z, r:r + h + 1, c:c + w + 1] = -1000.0
+        if trial % 2:
+            hu = np.pad(hu, ((1, 1), (3, 2), (2, 4)), constant_values=-1000.0)
+        unfilled = body_mask(mio.Volume(hu), fill_holes=False)
+        expected = np.stack([ndimage.binary_fill_holes(s) for s in unfilled])
+        assert (expected & ~unfilled).any(), trial  # there are holes to fill
+        assert np.array_equal(body_mask(mio.Volume(hu)), expected), trial
