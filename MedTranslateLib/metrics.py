@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SYNTHRAD_CT_RANGE", "image_metrics", "roi_metrics", "roi_metrics_many"]
+__all__ = ["SYNTHRAD_CT_RANGE", "bounding_box", "image_metrics", "roi_metrics", "roi_metrics_many"]
 
 SYNTHRAD_CT_RANGE = (-1024.0, 3000.0)
 """The CT value range (HU) of the SynthRAD2023 evaluation."""
@@ -187,7 +187,7 @@ def _metrics(ref: np.ndarray, syn: np.ndarray, region: np.ndarray | None,
     }
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """The smallest box holding every True voxel, or None when there is none."""
     box = []
     for axis in range(mask.ndim):
@@ -233,7 +233,7 @@ def _extent(box: tuple[slice, ...], pad: int = 0) -> int:
 def _error_sums(ref: np.ndarray, syn: np.ndarray, region: np.ndarray | None,
                 bounds: tuple[float, float] | None) -> tuple[int, float, float, float]:
     """Voxel count, sum |d|, sum d**2 and sum d**2 of the clipped values, d = ref - syn."""
-    box = tuple(slice(0, n) for n in ref.shape) if region is None else _bounding_box(region)
+    box = tuple(slice(0, n) for n in ref.shape) if region is None else bounding_box(region)
     count, abs_sum, sq_sum, clipped_sq_sum = 0, 0.0, 0.0, 0.0
     for slab in _slabs(box, max(1, _SLAB_VOXELS // _extent(box))):
         r = ref[slab].astype(np.float64)
@@ -344,7 +344,7 @@ def _ssim(ref: np.ndarray, syns: list[np.ndarray], region: np.ndarray | None,
     if region is None:
         box = inner
     else:
-        inner_box = _bounding_box(region[inner])
+        inner_box = bounding_box(region[inner])
         if inner_box is None:
             return [math.nan] * len(syns)
         box = tuple(slice(b.start + _HALF, b.stop + _HALF) for b in inner_box)
