@@ -143,6 +143,24 @@ def test_several_images_share_the_reference_and_get_their_own_metrics(monkeypatc
     assert both["a"]["box"]["ssim"] != both["b"]["box"]["ssim"]
 
 
+def test_tiles_inside_a_region_share_the_unmasked_map_and_match_skimage(monkeypatch):
+    """With a value range a region's SSIM inputs are set to ``lo`` outside it; a tile whose
+    source lies wholly inside the region reuses the unmasked map. The result must still be the
+    SynthRAD recipe of scikit-image, for the whole volume and the region alike."""
+    ref, syn = smooth_pair((30, 40, 36), seed=11, scale=900.0, offset=100.0, noise=60.0)
+    mask = box_mask(ref.shape, (1, 2, 2), (29, 38, 34))
+    mask[20:, 30:, 25:] = False  # a notch: some tiles straddle its border
+    monkeypatch.setattr(metrics, "_SLAB_VOXELS", 2000)  # tiles of 7^3, sources of 13^3
+    calls = []
+    real_map = metrics._ssim_map
+    monkeypatch.setattr(metrics, "_ssim_map", lambda *a, **k: calls.append(1) or real_map(*a, **k))
+    got = metrics.roi_metrics_many(ref, {"syn": syn}, {"whole": None, "body": mask}, value_range=CT_RANGE)["syn"]
+    for name, m in (("whole", None), ("body", mask)):
+        assert got[name]["ssim"] == pytest.approx(skimage_synthrad_ssim(ref, syn, m, CT_RANGE), abs=1e-6), name
+    tiles = len(list(metrics._tiles(tuple(slice(3, n - 3) for n in ref.shape))))
+    assert tiles < len(calls) < 2 * tiles  # the region computed its own map only where it had to
+
+
 # --- (c) MAE, RMSE, PSNR against numpy and scikit-image ----------------------------------------
 
 def test_errors_match_numpy_and_skimage_without_value_range():
