@@ -185,41 +185,53 @@ def fit_slice_to_size(image, size: int, *, mask=None, spacing: Sequence[float] =
 # ---------------------------------------------------------------------------------------------
 def body_mask(volume: mio.Volume, preset: IntensityPreset | None = None, *, fill_holes: bool = True) -> np.ndarray:
     """Body mask (z, y, x) bool from intensities: > -500 HU for CT presets, else above 5 % of
-    the (fitted) preset range; small specks removed, holes filled per slice (``fill_holes``:
-    a hole lies inside its slice's box, so a crop box needs no filling)."""
-    from scipy import ndimage
-
+    the (fitted) preset range; opened with a 3x3 in-plane square (specks removed), its largest
+    6-connected component kept (ties: the first in raster order), holes filled per slice
+    (``fill_holes``: a hole lies inside its slice's box, so a crop box needs no filling)."""
     arr = volume.array
     if preset is None or preset.kind == "ct_window":
         m = arr > -500.0
     else:
         lo, hi = preset.physical_range
         m = arr > lo + 0.05 * (hi - lo)
-    if not m.any():
+    outer = bounding_box(m)
+    if outer is None:
         return m
     # binary opening with a 3x3 in-plane square, separable (outside the volume counts as 0, as in
-    # ndimage.binary_opening): the same mask, ~10x faster than ndimage's filters on 512x512x300
-    for axis in (1, 2):
-        m = _shift_3(m, axis, erode=True)
-    for axis in (1, 2):
-        m = _shift_3(m, axis, erode=False)
-    if not m.any():
-        return m
-    # label only inside the opened mask's bounding box (the same components; the body fills
-    # about half of a CT's field of view, and the int32 labels were the costly pass)
-    box = bounding_box(m)
-    try:  # int16 labels: half the memory traffic of int32, which matters at 10^8 voxels
-        labels = np.empty(m[box].shape, np.int16)
-        n = ndimage.label(m[box], output=labels)
-    except RuntimeError:  # more than 32767 components
-        labels, n = ndimage.label(m[box])
-    if n > 1:  # the largest component (bincount: one pass, whatever the number of components)
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        m = np.zeros_like(m)
-        m[box] = labels == (int(np.argmax(sizes)) + 1)
-    if fill_holes:
+    # ndimage.binary_opening): the same mask, ~10x faster than ndimage's filters on 512x512x300.
+    # Inside the thresholded voxels' box: an opening never grows a mask, so nothing is cut off.
+    core = _open_3x3(m[outer])
+    inner = bounding_box(core)
+    if inner is not None:
+        largest = _largest_component(core[inner])
+        if largest is not None:
+            core[...] = False
+            core[inner] = largest
+    m[outer] = core  # m is False outside its box already
+    if fill_holes and inner is not None:
+        box = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner, strict=True))
         _fill_holes_per_slice(m, box)
     return m
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+    """The largest 6-connected component of a 3-D bool array (ties: the first in raster order),
+    or None when the array is one component. ITK's run-length labelling (SimpleITK, on torch's
+    thread count) numbers components as ``ndimage.label`` does (tested) and took 0.27 s against
+    ndimage's 0.34 s with int16 labels on the 56M voxels of a 512 x 512 x 300 CT's body box
+    (issue 14); the labels are read only when there is more than one component."""
+    import SimpleITK as sitk
+
+    labelling = sitk.ConnectedComponentImageFilter()
+    labelling.SetFullyConnected(False)
+    labelling.SetNumberOfThreads(torch.get_num_threads())
+    image = labelling.Execute(sitk.GetImageFromArray(mask.view(np.uint8)))
+    n = labelling.GetObjectCount()
+    if n <= 1:
+        return None
+    labels = sitk.GetArrayViewFromImage(image)  # a view: ``image`` stays alive until it is read
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
 
 
 #: 4-connected within a slice, never across slices: ``ndimage.binary_fill_holes``'s default in 2-D
@@ -242,20 +254,30 @@ def _fill_holes_per_slice(m: np.ndarray, box: tuple[slice, ...]) -> None:
     m[box] |= ~outside[labels]
 
 
-def _shift_3(m: np.ndarray, axis: int, *, erode: bool) -> np.ndarray:
-    """A 3-voxel binary erosion (AND of the neighbours; outside = False) or dilation (OR) of the
-    bool array ``m`` along ``axis``, as whole-array logical operations on shifted views."""
-    def part(start: int | None, stop: int | None) -> tuple[slice, ...]:
-        return tuple(slice(start, stop) if a == axis else slice(None) for a in range(m.ndim))
+def _open_3x3(m: np.ndarray) -> np.ndarray:
+    """Binary opening of the bool (z, y, x) array ``m`` with a 3x3 square in every slice (outside
+    the array counts as False): 3-voxel erosions along y and x, then dilations, each two logical
+    operations on shifted views written into one of two buffers (a new array; ``m`` is kept)."""
+    if min(m.shape[1:]) < 3:  # every voxel has an outside neighbour: the erosion leaves nothing
+        return np.zeros_like(m)
+    a, b = m.copy(), np.empty_like(m)
+    for erode in (True, False):
+        combine = np.logical_and if erode else np.logical_or
+        for axis in (1, 2):
+            def part(start: int | None, stop: int | None, axis: int = axis) -> tuple[slice, ...]:
+                return tuple(slice(start, stop) if k == axis else slice(None) for k in range(m.ndim))
 
-    out = m.copy()
-    combine = np.logical_and if erode else np.logical_or
-    combine(out[part(1, None)], m[part(None, -1)], out=out[part(1, None)])
-    combine(out[part(None, -1)], m[part(1, None)], out=out[part(None, -1)])
-    if erode:  # the first and last voxels have an outside (False) neighbour
-        out[part(0, 1)] = False
-        out[part(-1, None)] = False
-    return out
+            middle = part(1, -1)
+            combine(a[part(None, -2)], a[middle], out=b[middle])
+            combine(b[middle], a[part(2, None)], out=b[middle])
+            if erode:  # the first and last voxels have an outside (False) neighbour
+                b[part(0, 1)] = False
+                b[part(-1, None)] = False
+            else:
+                combine(a[part(0, 1)], a[part(1, 2)], out=b[part(0, 1)])
+                combine(a[part(-2, -1)], a[part(-1, None)], out=b[part(-1, None)])
+            a, b = b, a
+    return a
 
 
 def roi_slice_range(roi, axis: int, margin: int) -> tuple[int, int] | None:

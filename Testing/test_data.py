@@ -363,11 +363,14 @@ def test_body_mask_opening_is_ndimage_binary_opening():
             expected = labels == int(np.argmax(sizes)) + 1
         got = body_mask(mio.Volume(hu), fill_holes=False)
         assert np.array_equal(got, expected), trial
+    for shape in ((2, 1, 5), (3, 2, 7), (2, 3, 3), (1, 4, 2)):  # thinner than the square, or just as wide
+        hu = np.full(shape, 40.0, np.float32)
+        expected = ndimage.binary_opening(hu > -500.0, structure=np.ones((1, 3, 3), bool))
+        assert np.array_equal(body_mask(mio.Volume(hu), fill_holes=False), expected), shape
 
 
 def test_body_mask_with_more_components_than_int16_labels():
-    """Over 32767 components (int16 labels overflow): the int32 labelling takes over, and the
-    largest component is still the one kept."""
+    """Over 32767 components (more than int16 labels hold): the largest is still the one kept."""
     from MedTranslateLib import io as mio
     from MedTranslateLib.data import body_mask
 
@@ -379,6 +382,33 @@ def test_body_mask_with_more_components_than_int16_labels():
     expected = np.zeros(hu.shape, bool)
     expected[0, -6:, 10:20] = True
     assert np.array_equal(got, expected)
+
+
+def test_body_mask_components_are_ndimage_label_s_and_ties_keep_the_first():
+    """The labelling (ITK's) numbers components in ndimage.label's raster order, so the largest
+    is the same one, and of two equally large the first in raster order is kept."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+
+    from MedTranslateLib import io as mio
+    from MedTranslateLib.data import _largest_component, body_mask
+
+    rng = np.random.default_rng(8)
+    for trial in range(30):
+        m = rng.random(tuple(rng.integers(3, 25, 3))) < rng.uniform(0.2, 0.7)
+        labels, n = ndimage.label(m)
+        image = sitk.ConnectedComponentImageFilter().Execute(sitk.GetImageFromArray(m.view(np.uint8)))
+        assert np.array_equal(sitk.GetArrayFromImage(image), labels), trial
+        sizes = np.bincount(labels.ravel())[1:]
+        got = _largest_component(m)
+        expected = None if n <= 1 else labels == int(np.argmax(sizes)) + 1
+        assert (got is None) == (expected is None) and (got is None or np.array_equal(got, expected)), trial
+    hu = np.full((4, 20, 20), -1000.0, np.float32)
+    hu[:, 12:17, 2:7] = 40.0  # two 4 x 5 x 5 blocks: the lower-right one comes later in raster order
+    hu[:, 2:7, 12:17] = 40.0
+    expected = np.zeros(hu.shape, bool)
+    expected[:, 2:7, 12:17] = True
+    assert np.array_equal(body_mask(mio.Volume(hu), fill_holes=False), expected)
 
 
 def test_body_mask_fills_holes_as_binary_fill_holes_per_slice():
