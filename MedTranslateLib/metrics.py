@@ -36,8 +36,9 @@ scikit-image and the SynthRAD2023 code; ``json.dumps`` writes it as ``Infinity``
 ``nan`` when no mask voxel lies 3 or more voxels from the borders (the map is not defined
 there). Every axis must be at least 7 voxels long.
 
-Memory stays bounded on large CT volumes: the work runs in slabs along the first axis, and a
-mask restricts it to the mask's bounding box (plus the window's half-width for SSIM).
+Memory stays bounded on large CT volumes: the error sums run in slabs along the first axis and
+SSIM in small cubes, and a mask restricts the work to the mask's bounding box (plus the window's
+half-width for SSIM).
 """
 
 from __future__ import annotations
@@ -213,8 +214,8 @@ def _slabs(box: tuple[slice, ...], rows: int) -> Iterator[tuple[slice, ...]]:
 def _tiles(box: tuple[slice, ...]) -> Iterator[tuple[slice, ...]]:
     """Split ``box`` into output tiles whose source (the tile grown by the window's half-width)
     holds about ``_SLAB_VOXELS`` voxels: slabs of rows for an image, cubes for a volume. A cube
-    keeps the window's overlap between tiles small (~20 % at 1M voxels) and lets a region's tiles
-    lie wholly inside it (see ``_ssim``)."""
+    has the least window overlap for its size (40^3 sources of 34^3 tiles: +63 %, repaid by the
+    cache) and lets a region's tiles lie wholly inside it (see ``_ssim``)."""
     sizes = [s.stop - s.start for s in box]
     pad = 2 * _HALF
     if len(sizes) == 2:  # an image: slabs of rows
