@@ -385,8 +385,9 @@ def test_body_mask_with_more_components_than_int16_labels():
 
 
 def test_body_mask_components_are_ndimage_label_s_and_ties_keep_the_first():
-    """The labelling (ITK's) numbers components in ndimage.label's raster order, so the largest
-    is the same one, and of two equally large the first in raster order is kept."""
+    """The labelling (ITK's run-length label map) counts and numbers components in ndimage.label's
+    raster order, so the largest is the same one, and of two equally large the first in raster
+    order is kept."""
     import SimpleITK as sitk
     from scipy import ndimage
 
@@ -397,7 +398,10 @@ def test_body_mask_components_are_ndimage_label_s_and_ties_keep_the_first():
     for trial in range(30):
         m = rng.random(tuple(rng.integers(3, 25, 3))) < rng.uniform(0.2, 0.7)
         labels, n = ndimage.label(m)
-        image = sitk.ConnectedComponentImageFilter().Execute(sitk.GetImageFromArray(m.view(np.uint8)))
+        mapping = sitk.BinaryImageToLabelMapFilter()
+        mapping.SetFullyConnected(False)
+        image = sitk.LabelMapToLabelImageFilter().Execute(mapping.Execute(sitk.GetImageFromArray(m.view(np.uint8))))
+        assert mapping.GetNumberOfObjects() == n, trial
         assert np.array_equal(sitk.GetArrayFromImage(image), labels), trial
         sizes = np.bincount(labels.ravel())[1:]
         got = _largest_component(m)
