@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .app import MAX_SEED
 from .app import UserError as CLIError
-from .runtime import SELECT_MODES, first_line
+from .runtime import SELECT_MODES, first_line, short_lived_process
 
 PROG = "medtranslate"
 #: the demo's sampling steps for models whose steps can be chosen, and samples for models that
@@ -607,6 +607,8 @@ def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if argv is None:  # the process's own command line: one command, then the process ends
+        short_lived_process()
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)

@@ -420,3 +420,28 @@ def test_select_per_volume_flag(case, tmp_path, capsys):
                         "--select", "per_volume"], capsys)
     assert code == 2 and err.count("\n") == 1 and "gives no confidence" in err
     assert sorted(p.name for p in out.iterdir()) == ["v.json", "v.nii.gz"]
+
+
+def test_the_program_turns_numpy_huge_page_advice_off_and_a_call_from_python_does_not(monkeypatch, capsys):
+    """``medtranslate`` (``main`` on the process's own command line) runs one command and exits:
+    numpy's transparent-huge-page advice goes off (issue 14: a cold ``translate`` waited for
+    memory compaction). ``main([...])`` from Python (tests, training/evaluate.py) leaves the
+    caller's process as it is, and a user's own NUMPY_MADVISE_HUGEPAGE is kept."""
+    import sys
+
+    from numpy._core.multiarray import _set_madvise_hugepage  # returns the previous setting
+
+    previous = _set_madvise_hugepage(True)
+    try:
+        monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+        assert cli.main(["models", "list"]) == 0
+        assert _set_madvise_hugepage(True) is True  # untouched
+        monkeypatch.setattr(sys, "argv", ["medtranslate", "models", "list"])
+        assert cli.main() == 0
+        assert _set_madvise_hugepage(True) is False  # the program turned it off
+        monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+        assert cli.main() == 0
+        assert _set_madvise_hugepage(True) is True  # the user's choice
+    finally:
+        _set_madvise_hugepage(previous)
+    capsys.readouterr()

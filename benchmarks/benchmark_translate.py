@@ -6,7 +6,8 @@
 
 For each volume size (x*y*z; an int16 CT phantom resampled from a 64x128x128 case, written as
 .nii.gz as scanners' exports are) and each model, a fresh Python process runs the stages of the
-CLI's ``translate`` one after the other, as the CLI does, and reports per stage:
+CLI's ``translate`` one after the other, as the CLI does (its process set up as the program sets
+up its own: ``runtime.short_lived_process``), and reports per stage:
 
 - seconds, and the network's share (the engine's batch loop, ``info["loop_seconds"]``);
 - peak RSS during the stage (VmHWM, reset through /proc/self/clear_refs before each stage) and
@@ -16,9 +17,9 @@ Stages: import (cli, app), model (torch and the bundle; before the volume, so th
 the highest peak RSS above the process with torch and the model loaded, is what the volume costs),
 read (source, and the reference with ``--reference``), translate (``app.run_translation``; with ``--reference`` the metrics too), write (the
 synthetic volume, uncompressed .nii). A fresh process per run, so imports are counted. ``--warm N``:
-the same process then reads, translates and writes the volume N more times, with torch and the
-model already loaded as in the Slicer module and the web app, and a second table gives the median
-run's stages and the share of network + read + write. Prints Markdown tables; no assertion on time anywhere.
+other processes, set up as long-lived ones, read, translate and write the volume N more times
+after their first run, with torch and the model already loaded as in the Slicer module and the
+web app, and a second table gives the median run's stages and the share of network + read + write. Prints Markdown tables; no assertion on time anywhere.
 """
 
 from __future__ import annotations
@@ -69,8 +70,15 @@ reset()
 from pathlib import Path
 from MedTranslateLib import app, cli
 from MedTranslateLib.cases import CaseFiles, read_case
+source, reference, model, out, threads, warm, one_shot = sys.argv[1:8]
+if one_shot == "1":  # as the ``medtranslate`` program sets up its process (a library from before: nothing)
+    try:
+        from MedTranslateLib.runtime import short_lived_process
+    except ImportError:
+        pass
+    else:
+        short_lived_process()
 t = stage("import", t0)
-source, reference, model, out, threads, warm = sys.argv[1:7]
 import torch
 torch.set_num_threads(int(threads))
 try:  # only the synthetic volume (and the metrics), as a plain ``translate`` computes
@@ -139,10 +147,16 @@ def make_volume(size: tuple[int, int, int], folder: Path) -> tuple[Path, Path]:
 
 def run(source: Path, reference: Path | None, model: str, threads: int, out: Path, library: Path = ROOT,
         warm: int = 0) -> dict:
+    """One fresh process. Without ``warm`` it is set up as the ``medtranslate`` program sets up its
+    own (``runtime.short_lived_process``); with it, as a long-lived process (the Slicer module,
+    the web app), and its first run is a cold one of such a process."""
     env = dict(os.environ, PYTHONPATH=str(library), OMP_NUM_THREADS=str(threads))
+    env.pop("NUMPY_MADVISE_HUGEPAGE", None)
+    os.sync()  # the previous run's output written back first: its writeback would throttle this run's write
     # run in the library's folder: ``python -c`` puts the working folder first on sys.path
     proc = subprocess.run([sys.executable, "-c", STAGE_SCRIPT, str(source), str(reference or ""), model, str(out),
-                           str(threads), str(warm)], capture_output=True, text=True, env=env, cwd=str(library))
+                           str(threads), str(warm), "0" if warm else "1"], capture_output=True, text=True, env=env,
+                          cwd=str(library))
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
     return json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:])
@@ -181,10 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             source, reference = make_volume(size, folder)
             volume_bytes = 4 * size[0] * size[1] * size[2]
             for model in _models(args.models):
-                runs = sorted((run(source, reference if args.reference else None, model, args.threads,
-                                   folder / "out.nii", args.library, args.warm) for _ in range(args.repeat)),
-                              key=lambda r: r["wall"])
+                ref = reference if args.reference else None
+                runs = sorted((run(source, ref, model, args.threads, folder / "out.nii", args.library)
+                               for _ in range(args.repeat)), key=lambda r: r["wall"])
                 result = runs[len(runs) // 2]
+                if args.warm:  # in other processes: set up as long-lived ones
+                    warm = sorted((run(source, ref, model, args.threads, folder / "out.nii", args.library, args.warm)
+                                   for _ in range(args.repeat)), key=lambda r: r["warm"]["wall"])
+                    result["warm"] = warm[len(warm) // 2]["warm"]
                 rows.append({"size": text, "model": model, "volume_mb": volume_bytes / 2**20, **result})
     print(f"library: {args.library}, threads: {args.threads}, reference + metrics: {args.reference}, "
           f"{time.strftime('%Y-%m-%d')}, Python {sys.version.split()[0]}\n")
