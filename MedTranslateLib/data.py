@@ -265,12 +265,28 @@ def _fill_holes_per_slice(m: np.ndarray, box: tuple[slice, ...]) -> None:
     m[box] |= ~outside[labels]
 
 
+#: bytes of bool slices opened at a time: small enough for a core's L2 cache (0.10 -> 0.05 s on the
+#: 56M-voxel body box of a 512 x 512 x 300 CT, two slices at a time)
+_OPEN_BYTES = 1 << 19
+
+
 def _open_3x3(m: np.ndarray) -> np.ndarray:
     """Binary opening of the bool (z, y, x) array ``m`` with a 3x3 square in every slice (outside
-    the array counts as False): 3-voxel erosions along y and x, then dilations, each two logical
-    operations on shifted views written into one of two buffers (a new array; ``m`` is kept)."""
+    the array counts as False), a few slices at a time (a new array; ``m`` is kept)."""
     if min(m.shape[1:]) < 3:  # every voxel has an outside neighbour: the erosion leaves nothing
         return np.zeros_like(m)
+    step = max(1, _OPEN_BYTES // max(1, m[0].size))
+    if step >= len(m):
+        return _open_3x3_slab(m)
+    out = np.empty_like(m)
+    for k in range(0, len(m), step):
+        out[k:k + step] = _open_3x3_slab(m[k:k + step])
+    return out
+
+
+def _open_3x3_slab(m: np.ndarray) -> np.ndarray:
+    """``_open_3x3`` of a few slices (each at least 3 x 3): 3-voxel erosions along y and x, then
+    dilations, each two logical operations on shifted views written into one of two buffers."""
     a, b = m.copy(), np.empty_like(m)
     for erode in (True, False):
         combine = np.logical_and if erode else np.logical_or

@@ -343,14 +343,19 @@ def test_unpaired_accepts_single_modality_cases_and_needs_two(tmp_path):
                              SliceSpec(size=8), masks=())
 
 
-def test_body_mask_opening_is_ndimage_binary_opening():
-    """The opening is written as minimum/maximum filters for speed: the same mask as
+@pytest.mark.parametrize("slab_bytes", [None, 1, 3000])
+def test_body_mask_opening_is_ndimage_binary_opening(slab_bytes, monkeypatch):
+    """The opening is written as shifted logical operations for speed, a few slices at a time
+    (``slab_bytes``: one slice, or several with a shorter last slab): the same mask as
     ``ndimage.binary_opening`` with a 3x3 in-plane square, borders included."""
     from scipy import ndimage
 
+    from MedTranslateLib import data
     from MedTranslateLib import io as mio
     from MedTranslateLib.data import body_mask
 
+    if slab_bytes is not None:
+        monkeypatch.setattr(data, "_OPEN_BYTES", slab_bytes)
     rng = np.random.default_rng(3)
     for trial in range(4):
         hu = np.where(rng.random((6, 24, 30)) > 0.35, 40.0, -1000.0).astype(np.float32)
