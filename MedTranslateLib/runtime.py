@@ -197,7 +197,7 @@ def short_lived_process() -> bool:
     asking the kernel for transparent huge pages under large arrays. Where the kernel compacts
     memory for them when they are first touched (THP ``defrag=madvise``, Ubuntu's default),
     every large array of a fresh process waits for that compaction: a cold ``translate`` of
-    512 x 512 x 300 took 4.9-5.1 s with the advice and 4.1-4.4 s without it (issue 14). A
+    512 x 512 x 300 took 4.7-5.2 s with the advice and 4.0-4.7 s without it (issue 14). A
     long-lived process (the Slicer module, the web app) keeps it: its later arrays find huge pages
     ready, and its runs were faster with them (2.3-2.4 s against 2.7-3.1 s). A user's own
     ``NUMPY_MADVISE_HUGEPAGE`` is left as it is. Returns True when the advice was turned off."""
